@@ -1,0 +1,45 @@
+# minipeft: the two commands.
+#   make lab    set up (once) and start JupyterLab on the lessons
+#   make test   set up (once) and run every test: unit tests + every lesson and solution notebook (nbval)
+# Other targets: make setup, make grade NB=..., make exercises, make bench, make clean
+
+PYTHON  ?= python3
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.minipeft-installed
+# A GPU user sets TORCH_INDEX to PyTorch's wheel index for their CUDA version (see README, "GPU").
+TORCH_INDEX ?=
+LAB_ARGS ?=
+
+# Tests and CI always run the offline profile, with no hub access at all.
+OFFLINE := MINIPEFT_PROFILE=offline HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
+           TOKENIZERS_PARALLELISM=false
+
+.PHONY: setup lab test clean
+
+setup: $(STAMP)
+
+# Re-runs only when the pins or the package metadata change: running it again installs nothing new.
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@# torch first, on its own: with torch==2.13.0 already present nothing later pulls a CUDA build.
+	$(PY) -m pip install --disable-pip-version-check -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
+	$(PY) -m ipykernel install --sys-prefix --name minipeft --display-name "Python (minipeft)" >/dev/null
+	@touch $(STAMP)
+	@echo "minipeft environment ready in $(VENV)"
+
+lab: setup
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir="$(CURDIR)" --ServerApp.preferred_dir="$(CURDIR)/lessons" $(LAB_ARGS)
+
+# pytest exits 5 when it collects nothing: that is reported, not hidden, and not a failure.
+test: setup
+	@start=$$(date +%s); \
+	$(OFFLINE) $(PY) -m pytest tests lessons solutions --nbval-lax --nbval-current-env \
+	    --nbval-cell-timeout=300 -p no:cacheprovider; rc=$$?; \
+	echo "make test: finished in $$(( $$(date +%s) - start )) s (pytest exit code $$rc)"; \
+	if [ $$rc -eq 5 ]; then echo "make test: no tests collected"; exit 0; fi; exit $$rc
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,14 @@
+"""minipeft: parameter-efficient fine-tuning built from scratch.
+
+One module per method, each short enough to read in one sitting:
+
+- `minipeft.course`   the course runtime: profile, models, data, banner
+- `minipeft.data`     the offline sentiment data set the course makes itself
+- `minipeft.training` the small train / evaluate loop every lesson reuses
+- `minipeft.memory`   parameter counts and memory accounting
+- `minipeft.lora`     LoRA (Hu et al., 2021)
+- `minipeft.quant`    NF4 quantisation (Dettmers et al., 2023)
+
+minipeft never imports peft or bitsandbytes: those are the references the tests compare against.
+"""
+__version__ = "0.1.0"

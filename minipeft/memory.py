@@ -1,0 +1,147 @@
+"""Memory accounting: what a model and its training state cost, predicted and measured.
+
+Full fine-tuning with Adam in fp32 keeps, for every parameter,
+
+    weight (4 B) + gradient (4 B) + Adam first moment m (4 B) + second moment v (4 B) = 16 B
+
+plus activations. PEFT keeps the weights but pays gradients and optimizer state only for the
+trainable set, which is the whole point of the course. `training_state_bytes` computes that
+prediction from a model; `peak_memory` measures what really happened.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+ADAM_STATES_PER_PARAM = 2  # Adam keeps two moments (m and v) per trainable parameter
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        # Same wording and layout as peft's print_trainable_parameters, so the two can be compared by eye.
+        return (f"trainable params: {self.trainable:,d} || all params: {self.total:,d} "
+                f"|| trainable%: {self.percent:.4f}")
+
+
+def count_parameters(model: nn.Module) -> ParamCount:
+    """Trainable and total parameter counts (shared tensors counted once)."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return ParamCount(trainable, total)
+
+
+@dataclass(frozen=True)
+class TrainingStateBytes:
+    weights: int
+    gradients: int
+    optimizer: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer
+
+
+def training_state_bytes(model: nn.Module, optimizer_states_per_param: int = ADAM_STATES_PER_PARAM,
+                         optimizer_dtype: torch.dtype = torch.float32) -> TrainingStateBytes:
+    """Predicted bytes of weights + gradients + optimizer state (activations not included).
+
+    Gradients have the dtype of their parameter; Adam's moments are kept in `optimizer_dtype`.
+    """
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    gradients = sum(p.numel() * p.element_size() for p in trainable)
+    state_size = torch.tensor([], dtype=optimizer_dtype).element_size()
+    optimizer = sum(p.numel() for p in trainable) * optimizer_states_per_param * state_size
+    return TrainingStateBytes(weights, gradients, optimizer)
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process now (Linux: /proc; elsewhere psutil)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        import psutil
+        return psutil.Process().memory_info().rss
+
+
+@dataclass
+class PeakMemory:
+    """Filled in when the `peak_memory` block ends."""
+    device: str = "cpu"
+    start_bytes: int = 0
+    peak_bytes: int = 0
+
+    @property
+    def increase_bytes(self) -> int:
+        return max(0, self.peak_bytes - self.start_bytes)
+
+
+@contextmanager
+def peak_memory(device: str | torch.device = "cpu") -> Iterator[PeakMemory]:
+    """Measure peak memory inside a `with` block.
+
+    On CUDA this is the allocator's peak (`torch.cuda.max_memory_allocated`). On CPU it is the process's
+    peak resident set size, sampled by a background thread: the kernel's own high-water mark (ru_maxrss)
+    never goes down, so it cannot measure a block that peaks lower than something earlier in the process.
+    """
+    device = torch.device(device)
+    result = PeakMemory(device=str(device))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        result.start_bytes = torch.cuda.memory_allocated(device)
+        try:
+            yield result
+        finally:
+            torch.cuda.synchronize(device)
+            result.peak_bytes = torch.cuda.max_memory_allocated(device)
+        return
+
+    import threading
+
+    result.start_bytes = rss_bytes()
+    peak = [result.start_bytes]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.005):
+            peak[0] = max(peak[0], rss_bytes())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield result
+    finally:
+        stop.set()
+        sampler.join()
+        result.peak_bytes = max(peak[0], rss_bytes())
+
+
+def format_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")

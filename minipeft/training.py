@@ -1,0 +1,147 @@
+"""The small training and evaluation loop every lesson reuses.
+
+The recipe is the standard one for fine-tuning a pretrained transformer: AdamW, a small learning
+rate, a short linear warm-up then linear decay, cross-entropy on the classifier's logits. Only the
+parameters with `requires_grad=True` go to the optimizer, so the same loop trains a whole model
+(lesson 1) or only an adapter (every later lesson).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from minipeft.memory import peak_memory
+
+
+def make_loader(dataset, tokenizer, batch_size: int = 32, shuffle: bool = False, seed: int = 0,
+                max_length: int = 128) -> DataLoader:
+    """Batches of tokenized text (padded to the longest in the batch) with their labels."""
+    def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
+        batch = tokenizer([r["text"] for r in rows], padding=True, truncation=True,
+                          max_length=max_length, return_tensors="pt")
+        batch["labels"] = torch.tensor([r["label"] for r in rows])
+        return dict(batch)
+
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate,
+                      generator=generator)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, tokenizer, dataset, batch_size: int = 64) -> float:
+    """Accuracy of a sequence classifier on a labelled data set."""
+    was_training = model.training
+    model.eval()
+    device = _model_device(model)
+    correct = 0
+    for batch in make_loader(dataset, tokenizer, batch_size):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        correct += (model(**batch).logits.argmax(-1) == labels).sum().item()
+    model.train(was_training)
+    return correct / len(dataset)
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)                       # one per step
+    val_accuracy: list[tuple[int, float]] = field(default_factory=list)     # (step, accuracy)
+    steps: int = 0
+    seconds: float = 0.0
+    peak_memory_bytes: int = 0      # CUDA allocator peak on a GPU, process peak RSS on CPU
+    start_memory_bytes: int = 0
+
+    @property
+    def seconds_per_step(self) -> float:
+        return self.seconds / max(self.steps, 1)
+
+
+def linear_warmup_decay(step: int, total: int, warmup: int) -> float:
+    """Learning-rate multiplier: 0 -> 1 over `warmup` steps, then 1 -> 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def train(model: nn.Module, tokenizer, train_data, *, eval_data=None, epochs: int = 1,
+          batch_size: int = 32, lr: float = 5e-5, weight_decay: float = 0.01,
+          warmup_ratio: float = 0.1, eval_every: int | None = None, seed: int = 0,
+          desc: str = "training") -> TrainResult:
+    """Fine-tune `model` in place on `train_data`; return losses, validation curve, time and peak memory."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("the model has no trainable parameters: unfreeze some (or add an adapter) first")
+    device = _model_device(model)
+    loader = make_loader(train_data, tokenizer, batch_size, shuffle=True, seed=seed)
+    total = epochs * len(loader)
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: linear_warmup_decay(step, total, max(1, int(warmup_ratio * total))))
+    result = TrainResult()
+    model.train()
+    start = time.perf_counter()
+    with peak_memory(device) as memory, tqdm(total=total, desc=desc, unit="step", mininterval=1.0) as bar:
+        for _ in range(epochs):
+            for batch in loader:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                labels = batch.pop("labels")
+                loss = F.cross_entropy(model(**batch).logits.float(), labels)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                result.steps += 1
+                result.losses.append(loss.item())
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+                bar.update()
+                if eval_data is not None and eval_every and result.steps % eval_every == 0:
+                    result.val_accuracy.append((result.steps, evaluate(model, tokenizer, eval_data)))
+    result.seconds = time.perf_counter() - start
+    result.peak_memory_bytes = memory.peak_bytes
+    result.start_memory_bytes = memory.start_bytes
+    if eval_data is not None and (not result.val_accuracy or result.val_accuracy[-1][0] != result.steps):
+        result.val_accuracy.append((result.steps, evaluate(model, tokenizer, eval_data)))
+    return result
+
+
+@dataclass(frozen=True)
+class ParaphraseScore:
+    top1: float     # share of sentences whose nearest neighbour is their own paraphrase
+    margin: float   # mean cosine of paraphrases minus mean cosine of non-paraphrases
+
+
+@torch.no_grad()
+def sentence_embeddings(model: nn.Module, tokenizer, texts: list[str]) -> torch.Tensor:
+    """Mean-pooled, L2-normalised last hidden states of the model's encoder (as sentence-transformers does)."""
+    encoder = model.base_model
+    was_training = encoder.training
+    encoder.eval()
+    batch = tokenizer(texts, padding=True, return_tensors="pt").to(_model_device(model))
+    hidden = encoder(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * mask).sum(1) / mask.sum(1)
+    encoder.train(was_training)
+    return F.normalize(pooled.float(), dim=-1)
+
+
+def paraphrase_retrieval(model: nn.Module, tokenizer, pairs: list[tuple[str, str]]) -> ParaphraseScore:
+    """How well the encoder still finds each sentence's paraphrase among all candidates."""
+    left = sentence_embeddings(model, tokenizer, [a for a, _ in pairs])
+    right = sentence_embeddings(model, tokenizer, [b for _, b in pairs])
+    similarity = left @ right.T
+    n = len(pairs)
+    hits = (similarity.argmax(1) == torch.arange(n, device=similarity.device)).float().mean() + \
+           (similarity.argmax(0) == torch.arange(n, device=similarity.device)).float().mean()
+    diagonal = similarity.diagonal().mean()
+    off_diagonal = (similarity.sum() - similarity.diagonal().sum()) / (n * n - n)
+    return ParaphraseScore(top1=hits.item() / 2, margin=(diagonal - off_diagonal).item())

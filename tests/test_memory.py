@@ -1,0 +1,70 @@
+import contextlib
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from minipeft.memory import (ParamCount, count_parameters, format_bytes, peak_memory, rss_bytes,
+                             training_state_bytes)
+
+
+def small_model() -> nn.Module:
+    model = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 5))
+    model[0].weight.requires_grad_(False)
+    return model
+
+
+def test_count_parameters_frozen_and_shared():
+    model = small_model()
+    assert count_parameters(model) == ParamCount(trainable=20 + 100 + 5, total=220 + 105)
+    tied = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False))
+    tied[1].weight = tied[0].weight
+    assert count_parameters(tied).total == 16
+
+
+def test_param_count_prints_like_peft():
+    peft = pytest.importorskip("peft")
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    base = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                    intermediate_size=64, vocab_size=100))
+    peft_model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["query", "value"]))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        peft_model.print_trainable_parameters()
+    assert printed.getvalue().strip() == str(count_parameters(peft_model))
+
+
+def test_training_state_is_16_bytes_per_param_for_fp32_adam():
+    model = nn.Linear(100, 100)
+    state = training_state_bytes(model)
+    assert state.total == 16 * 10_100
+    model.weight.requires_grad_(False)
+    assert training_state_bytes(model).total == 4 * 10_100 + 12 * 100
+
+
+def test_training_state_matches_a_real_adam_step():
+    model = nn.Linear(64, 32)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(8, 64)).sum().backward()
+    optimizer.step()
+    real_state = sum(t.numel() * t.element_size() for s in optimizer.state.values()
+                     for t in s.values() if t.dim() > 0)
+    assert training_state_bytes(model).optimizer == real_state
+
+
+def test_peak_memory_sees_a_temporary_allocation():
+    with peak_memory("cpu") as measured:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched so it is resident
+        block += 1
+        del block
+    assert measured.increase_bytes >= 48 * 2**20
+    assert rss_bytes() > 0
+
+
+def test_format_bytes():
+    assert format_bytes(512) == "512 B"
+    assert format_bytes(1536) == "1.5 KiB"
+    assert format_bytes(3 * 2**30) == "3.0 GiB"

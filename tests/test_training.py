@@ -1,0 +1,83 @@
+import copy
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+from minipeft import course, data
+from minipeft.training import (evaluate, linear_warmup_decay, make_loader, paraphrase_retrieval,
+                               sentence_embeddings, train)
+
+
+@pytest.fixture
+def tiny(bert):
+    """A small randomly initialised BERT with the course tokenizer: fast enough to train in a test."""
+    _, tokenizer = bert
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, intermediate_size=64, num_labels=2)
+    return BertForSequenceClassification(config), tokenizer
+
+
+def test_loader_pads_and_keeps_labels(sentiment, bert):
+    _, tokenizer = bert
+    batch = next(iter(make_loader(sentiment["train"].select(range(5)), tokenizer, batch_size=5)))
+    assert batch["input_ids"].shape == batch["attention_mask"].shape
+    assert batch["labels"].tolist() == list(sentiment["train"]["label"][:5])
+
+
+def test_training_fits_a_small_set(tiny, sentiment):
+    model, tokenizer = tiny
+    subset = sentiment["train"].select(range(32))
+    before = evaluate(model, tokenizer, subset)
+    result = train(model, tokenizer, subset, eval_data=subset, epochs=30, batch_size=8, lr=3e-3,
+                   warmup_ratio=0.0)
+    assert result.steps == 30 * 4 and len(result.losses) == result.steps
+    assert sum(result.losses[-4:]) < 0.5 * sum(result.losses[:4])
+    assert result.val_accuracy[-1][1] > max(before, 0.8)
+    assert result.seconds > 0 and result.peak_memory_bytes > 0
+
+
+def test_training_is_reproducible(tiny, sentiment):
+    model, tokenizer = tiny
+    subset = sentiment["train"].select(range(16))
+    losses = []
+    for _ in range(2):
+        course.seed_everything(0)
+        losses.append(train(copy.deepcopy(model), tokenizer, subset, batch_size=8, epochs=2).losses)
+    assert losses[0] == losses[1]
+
+
+def test_only_trainable_parameters_change(tiny, sentiment):
+    model, tokenizer = tiny
+    for p in model.bert.parameters():
+        p.requires_grad_(False)
+    frozen = copy.deepcopy(model.bert.state_dict())
+    train(model, tokenizer, sentiment["train"].select(range(16)), batch_size=8, lr=1e-2)
+    assert all(torch.equal(v, model.bert.state_dict()[k]) for k, v in frozen.items())
+
+
+def test_nothing_to_train_is_a_clear_error(tiny, sentiment):
+    model, tokenizer = tiny
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        train(model, tokenizer, sentiment["train"].select(range(4)))
+
+
+def test_schedule_warms_up_then_decays():
+    values = [linear_warmup_decay(s, total=10, warmup=2) for s in range(11)]
+    assert values[:2] == [0.5, 1.0] and values[-1] == 0.0
+    assert all(a >= b for a, b in zip(values[1:], values[2:]))
+
+
+def test_pretrained_encoder_finds_paraphrases_and_random_does_not(bert):
+    pretrained, tokenizer = bert
+    pairs = data.paraphrase_pairs()
+    known = paraphrase_retrieval(pretrained, tokenizer, pairs)
+    assert known.top1 >= 0.9
+    course.seed_everything(0)
+    random, _ = course.load_model("bert", pretrained=False, profile="offline")
+    unknown = paraphrase_retrieval(random, tokenizer, pairs)  # shared words alone find some pairs
+    assert unknown.top1 < known.top1 - 0.2 and unknown.margin < known.margin / 2
+    embeddings = sentence_embeddings(pretrained, tokenizer, ["a", "b c"])
+    assert torch.allclose(embeddings.norm(dim=-1), torch.ones(2))
