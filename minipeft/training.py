@@ -88,6 +88,8 @@ def train(model: nn.Module, tokenizer, train_data, *, eval_data=None, epochs: in
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: linear_warmup_decay(step, total, max(1, int(warmup_ratio * total))))
     result = TrainResult()
+    if eval_data is not None and eval_every:
+        result.val_accuracy.append((0, evaluate(model, tokenizer, eval_data)))
     model.train()
     start = time.perf_counter()
     with peak_memory(device) as memory, tqdm(total=total, desc=desc, unit="step", mininterval=1.0) as bar:
@@ -102,7 +104,7 @@ def train(model: nn.Module, tokenizer, train_data, *, eval_data=None, epochs: in
                 optimizer.zero_grad(set_to_none=True)
                 result.steps += 1
                 result.losses.append(loss.item())
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
                 bar.update()
                 if eval_data is not None and eval_every and result.steps % eval_every == 0:
                     result.val_accuracy.append((result.steps, evaluate(model, tokenizer, eval_data)))
