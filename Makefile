@@ -15,7 +15,7 @@ LAB_ARGS ?=
 OFFLINE := MINIPEFT_PROFILE=offline HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
            TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup lab test clean
+.PHONY: setup lab test grade exercises bench clean
 
 setup: $(STAMP)
 
@@ -30,8 +30,10 @@ $(STAMP): requirements.txt pyproject.toml
 	@touch $(STAMP)
 	@echo "minipeft environment ready in $(VENV)"
 
+# Containers (and Colab-like machines) often run as root, which JupyterLab refuses without --allow-root.
 lab: setup
-	$(VENV)/bin/jupyter lab --ServerApp.root_dir="$(CURDIR)" --ServerApp.preferred_dir="$(CURDIR)/lessons" $(LAB_ARGS)
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir="$(CURDIR)" --ContentsManager.preferred_dir=lessons \
+	    $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 # pytest exits 5 when it collects nothing: that is reported, not hidden, and not a failure.
 test: setup
@@ -40,6 +42,20 @@ test: setup
 	    --nbval-cell-timeout=300 -p no:cacheprovider; rc=$$?; \
 	echo "make test: finished in $$(( $$(date +%s) - start )) s (pytest exit code $$rc)"; \
 	if [ $$rc -eq 5 ]; then echo "make test: no tests collected"; exit 0; fi; exit $$rc
+
+# Grade a submitted exercise notebook: make grade NB=path/to/submitted.ipynb [GRADE_ARGS="--json g.json --csv g.csv"]
+grade: setup
+	@test -n "$(NB)" || { echo "usage: make grade NB=path/to/notebook.ipynb [GRADE_ARGS='--json g.json --csv g.csv']"; exit 2; }
+	$(OFFLINE) $(PY) -m minipeft.grading $(NB) $(GRADE_ARGS)
+
+# Regenerate exercises/ from solutions/ (tests/test_exercises.py fails when they drift apart).
+exercises: setup
+	$(PY) -m minipeft.exercises
+
+# minipeft against the reference libraries, side by side (minutes; not part of make test).
+bench: setup
+	$(OFFLINE) $(PY) bench/lora.py
+	$(OFFLINE) $(PY) bench/nf4.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -73,6 +73,21 @@ def linear_warmup_decay(step: int, total: int, warmup: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
+def train_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer) -> float:
+    """One optimisation step on a batch (input_ids, attention_mask, labels); returns the loss.
+
+    Forward in training mode, cross-entropy of the logits (in fp32, also for a bf16 model), backward,
+    update, and clear the gradients so that the next step does not add to them.
+    """
+    model.train()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    loss = F.cross_entropy(model(**inputs).logits.float(), batch["labels"])
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
 def train(model: nn.Module, tokenizer, train_data, *, eval_data=None, epochs: int = 1,
           batch_size: int = 32, lr: float = 5e-5, weight_decay: float = 0.01,
           warmup_ratio: float = 0.1, eval_every: int | None = None, seed: int = 0,
@@ -95,16 +110,11 @@ def train(model: nn.Module, tokenizer, train_data, *, eval_data=None, epochs: in
     with peak_memory(device) as memory, tqdm(total=total, desc=desc, unit="step", mininterval=1.0) as bar:
         for _ in range(epochs):
             for batch in loader:
-                batch = {k: v.to(device) for k, v in batch.items()}
-                labels = batch.pop("labels")
-                loss = F.cross_entropy(model(**batch).logits.float(), labels)
-                loss.backward()
-                optimizer.step()
+                loss = train_step(model, {k: v.to(device) for k, v in batch.items()}, optimizer)
                 schedule.step()
-                optimizer.zero_grad(set_to_none=True)
                 result.steps += 1
-                result.losses.append(loss.item())
-                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+                result.losses.append(loss)
+                bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
                 bar.update()
                 if eval_data is not None and eval_every and result.steps % eval_every == 0:
                     result.val_accuracy.append((result.steps, evaluate(model, tokenizer, eval_data)))

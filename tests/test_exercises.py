@@ -1,0 +1,136 @@
+"""exercises/ is generated from solutions/ (minipeft.exercises), and both grade as they should.
+
+Every solution notebook grades at full marks; every generated exercise, as shipped, grades at zero
+with every part "not attempted" (so the checks can fail). nbval runs the solutions themselves.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+from minipeft import exercises, grading
+from minipeft.checks import exercises_of, notebooks
+
+ROOT = Path(__file__).resolve().parents[1]
+SOLUTIONS, EXERCISES_DIR = ROOT / "solutions", ROOT / "exercises"
+
+
+def test_exercises_folder_is_what_the_generator_makes():
+    problems = exercises.drift(SOLUTIONS, EXERCISES_DIR)
+    assert not problems, "\n".join(problems) + "\nRegenerate with `make exercises`."
+
+
+def test_every_registered_exercise_has_its_notebooks_and_every_notebook_its_exercises():
+    assert sorted(p.stem for p in SOLUTIONS.glob("*.ipynb")) == notebooks()
+    for name in notebooks():
+        source = "\n".join(c.source for c in nbformat.read(SOLUTIONS / f"{name}.ipynb", 4).cells
+                           if c.cell_type == "code")
+        checked = re.findall(r'check\("(\w+)", (\w+)\)', source)
+        assert [a for a, b in checked] == [b for a, b in checked] == [e.name for e in exercises_of(name)]
+
+
+@pytest.mark.parametrize("name", notebooks())
+def test_exercise_opens_with_what_it_practises_and_how_it_is_graded(name):
+    nb = nbformat.read(EXERCISES_DIR / f"{name}.ipynb", 4)
+    intro = nb.cells[0].source
+    assert intro.startswith("# Exercise") and "What you practise" in intro and "How it is graded" in intro
+    assert f"blob/main/exercises/{name}.ipynb" in intro  # the Colab badge opens the exercise
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")
+    assert "BEGIN SOLUTION" not in nbformat.writes(nb)
+
+
+@pytest.mark.parametrize("name", notebooks())
+def test_solution_grades_full_and_exercise_grades_zero_not_attempted(name):
+    solved = grading.grade_notebook(SOLUTIONS / f"{name}.ipynb", seed=2024)
+    assert solved.score == solved.max_score, solved.table()
+    assert not solved.notebook_problems
+
+    shipped = grading.grade_notebook(EXERCISES_DIR / f"{name}.ipynb", seed=2024)
+    assert shipped.assignment == name and shipped.score == 0
+    assert [e.status for e in shipped.exercises] == [grading.NOT_ATTEMPTED] * len(exercises_of(name))
+    assert shipped.max_score == solved.max_score >= 3 * len(exercises_of(name))
+
+
+# ---------------------------------------------------------------- the generator itself
+
+SOLVED = '''def f(x):
+    """Docstring stays."""
+    ### BEGIN SOLUTION
+    y = x + 1
+    return y
+    ### END SOLUTION
+
+    # NBVAL_CHECK_OUTPUT
+print(f(1))'''
+
+
+def test_strip_solution_keeps_indentation_and_uses_nbgraders_placeholder():
+    stripped, regions = exercises.strip_solution(SOLVED, "cell")
+    assert regions == 1
+    assert stripped == ('def f(x):\n    """Docstring stays."""\n    # YOUR CODE HERE\n'
+                        '    raise NotImplementedError()\n\nprint(f(1))')
+    namespace = {}
+    exec(stripped.replace("print(f(1))", ""), namespace)
+    with pytest.raises(NotImplementedError):
+        namespace["f"](1)
+
+
+@pytest.mark.parametrize("source, problem", [
+    ("### BEGIN SOLUTION\nx = 1", "never closed"),
+    ("x = 1\n### END SOLUTION", "without a"),
+    ("### BEGIN SOLUTION\n### BEGIN SOLUTION\n### END SOLUTION", "inside the region"),
+])
+def test_unbalanced_markers_are_refused_with_the_fix(source, problem):
+    with pytest.raises(ValueError, match=problem):
+        exercises.strip_solution(source, "solutions/x.ipynb, cell 3")
+
+
+def make_solutions(folder: Path, name: str = "01_demo", code: str = SOLVED) -> Path:
+    folder.mkdir(exist_ok=True)
+    nb = new_notebook(cells=[
+        new_markdown_cell("[badge](https://colab.research.google.com/github/minipeft/minipeft/blob/main/"
+                          f"solutions/{name}.ipynb)", id="intro"),
+        new_code_cell(code, id="code", execution_count=3,
+                      outputs=[nbformat.v4.new_output("stream", text="2\n")])])
+    nbformat.write(nb, folder / f"{name}.ipynb")
+    return folder
+
+
+def test_generated_notebook_is_clean_and_deterministic(tmp_path):
+    solutions = make_solutions(tmp_path / "solutions")
+    first = exercises.generate(solutions)
+    assert first == exercises.generate(solutions)
+    nb = nbformat.reads(first["01_demo.ipynb"], 4)
+    assert nb.cells[1].outputs == [] and nb.cells[1].execution_count is None
+    assert "NBVAL" not in nb.cells[1].source and "raise NotImplementedError()" in nb.cells[1].source
+    assert "blob/main/exercises/01_demo.ipynb" in nb.cells[0].source
+    assert nb.metadata["minipeft"] == {"assignment": "01_demo"}
+
+
+def test_a_solution_without_a_region_is_refused(tmp_path):
+    solutions = make_solutions(tmp_path / "solutions", code="print('all given away')")
+    with pytest.raises(ValueError, match="no solution region"):
+        exercises.generate(solutions)
+
+
+def test_check_reports_drift_and_write_fixes_it(tmp_path, capsys):
+    solutions, target = make_solutions(tmp_path / "solutions"), tmp_path / "exercises"
+    args = ["--solutions", str(solutions), "--exercises", str(target)]
+    assert exercises.main([*args, "--check"]) == 1
+    assert "missing" in capsys.readouterr().out
+
+    assert exercises.main(args) == 0
+    (target / "99_orphan.ipynb").write_text("{}")
+    edited = target / "01_demo.ipynb"
+    edited.write_text(edited.read_text().replace("YOUR CODE HERE", "my answer"))
+    assert exercises.main([*args, "--check"]) == 1
+    out = capsys.readouterr().out
+    assert "01_demo.ipynb differs" in out and "99_orphan.ipynb has no solution" in out
+
+    assert exercises.main(args) == 0
+    assert exercises.main([*args, "--check"]) == 0
+    assert not (target / "99_orphan.ipynb").exists()
