@@ -257,7 +257,7 @@ def _nearest_code(scaled: torch.Tensor) -> torch.Tensor:
 _CELLS_PER_UNIT = 2**12        # H: 8193 cells for [-1, 1], an 8 KiB table (stays in the L1 cache)
 _CELL_MARGIN = 1 / 16          # in cells; the cell arithmetic is off by less than 0.002 cells
 _NEEDS_SEARCH = 16             # table entry of a cell that contains a midpoint
-_CHUNK = 2**18                 # values per step: temporaries stay small and in the CPU cache
+_CHUNK = 2**20                 # values per step: temporaries are allocated once and stay small
 _TINY_ABSMAX = 2.0**-100       # below this, H / absmax could overflow: such blocks take the exact route
 
 

@@ -14,7 +14,7 @@ from torch import nn
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 from minipeft.adapter_io import export_peft, import_peft, load_adapter, save_adapter
-from minipeft.lora import LoraConfig, add_lora, adapter_state_dict
+from minipeft.lora import LoraConfig, add_lora, adapter_state_dict, set_active_adapter
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -248,3 +248,12 @@ def test_saving_an_unknown_adapter_names_the_ones_there(tmp_path):
     with pytest.raises(ValueError, match=r"no adapter named 'other' \(it has \['default'\]\)"):
         save_adapter(model, tmp_path, adapter_name="other")
     assert not Path(tmp_path / "adapter.json").exists()
+
+
+def test_export_one_of_two_adapters(tmp_path):
+    ours = trained(add_lora(tiny_bert(), BERT_CONFIG), seed=1)
+    trained(add_lora(ours, BERT_CONFIG, adapter_name="other"), seed=2)
+    set_active_adapter(ours, "default")
+    export_peft(ours, tmp_path, adapter_name="default")
+    theirs = peft.PeftModel.from_pretrained(tiny_bert(), tmp_path).eval()
+    assert (logits(theirs) - logits(ours)).abs().max() < 1e-5
