@@ -32,6 +32,7 @@ from torch import nn
 from minipeft import training
 from minipeft.lora import LoraConfig, LoraLinear
 from minipeft.memory import count_parameters, training_state_bytes
+from minipeft.quant import NF4State, NF4_CODE, NF4_MIDPOINTS, dequantize_nf4, quantize_nf4
 
 Inputs = dict[str, Any]   # tensors, and JSON values (numbers, strings, lists, dicts)
 Outputs = dict[str, Any]  # what `Exercise.run` collects: tensors and numbers, by name
@@ -454,7 +455,6 @@ register(Exercise(
 def _clear_of_boundaries(x: torch.Tensor, blocksize: int) -> torch.Tensor:
     """`x` with the values that fall within 1e-4 of a rounding boundary (x / absmax near a midpoint between
     two NF4 codes) moved off it: there, the order of float operations, not the method, picks the code."""
-    from minipeft.quant import NF4_MIDPOINTS
 
     flat = x.flatten()
     for _ in range(10):
@@ -474,7 +474,6 @@ ZERO_BLOCK_HINT = ("A block of zeros has absmax 0, and x / 0 is NaN. Guard the d
 def _nf4_cases(draw: Draw, quantized: bool) -> list[Case]:
     """Quantisation cases (inputs x, blocksize); with `quantized`, dequantisation cases made from them by
     minipeft.quant (inputs packed, absmax, n, blocksize)."""
-    from minipeft.quant import quantize_nf4
 
     def case(name: str, shape: tuple[int, ...], blocksize: int, dtype: torch.dtype = torch.float32,
              zero_block: bool = False, hint: str = "") -> Case:
@@ -509,14 +508,12 @@ def _run_quantize(quantize: Callable, inputs: Inputs) -> Outputs:
 
 
 def _reference_quantize(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from minipeft.quant import quantize_nf4
 
     packed, state = quantize_nf4(x, blocksize)
     return packed.view(-1), state.absmax
 
 
 def _quantize_with_one_absmax(x, blocksize):
-    from minipeft.quant import quantize_nf4
 
     n = x.numel()
     packed, state = quantize_nf4(x, blocksize=min(4096, 2 ** math.ceil(math.log2(max(n, 2)))))
@@ -537,7 +534,6 @@ def _blocks(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _quantize_rounding_down(x, blocksize):
-    from minipeft.quant import NF4_CODE
 
     blocks, absmax = _blocks(x, blocksize)
     scaled = blocks / absmax.clamp(min=1e-12)[:, None]
@@ -546,7 +542,6 @@ def _quantize_rounding_down(x, blocksize):
 
 
 def _quantize_dividing_by_zero(x, blocksize):
-    from minipeft.quant import NF4_CODE
 
     blocks, absmax = _blocks(x, blocksize)
     scaled = blocks / absmax[:, None]  # NaN in a block of zeros
@@ -554,7 +549,6 @@ def _quantize_dividing_by_zero(x, blocksize):
 
 
 def _quantize_without_scaling(x, blocksize):
-    from minipeft.quant import NF4_MIDPOINTS
 
     _, absmax = _blocks(x, blocksize)
     return _pack(torch.bucketize(x.float().flatten().clamp(-1, 1), NF4_MIDPOINTS)), absmax
@@ -598,7 +592,6 @@ def _run_dequantize(dequantize: Callable, inputs: Inputs) -> Outputs:
 
 
 def _reference_dequantize(packed: torch.Tensor, absmax: torch.Tensor, n: int, blocksize: int) -> torch.Tensor:
-    from minipeft.quant import NF4State, dequantize_nf4
 
     return dequantize_nf4(packed.view(-1, 1), NF4State(absmax, torch.Size([n]), torch.float32, blocksize))
 
@@ -608,13 +601,11 @@ def _unpacked_codes(packed: torch.Tensor) -> torch.Tensor:
 
 
 def _dequantize_repeating_absmax(packed, absmax, n, blocksize):
-    from minipeft.quant import NF4_CODE
 
     return NF4_CODE[_unpacked_codes(packed)[:n]] * absmax.repeat(blocksize)[:n]
 
 
 def _dequantize_keeping_padding(packed, absmax, n, blocksize):
-    from minipeft.quant import NF4_CODE
 
     codes = _unpacked_codes(packed)
     return NF4_CODE[codes] * absmax.repeat_interleave(blocksize)[:codes.numel()]

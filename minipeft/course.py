@@ -75,7 +75,7 @@ LESSONS = {
     1: Lesson("Full fine-tuning of BERT", offline_seconds=90, full_minutes=15),
     2: Lesson("The math of LoRA", offline_seconds=60, full_minutes=15),
     3: Lesson("LoRA fine-tuning in practice", offline_seconds=90, full_minutes=20),
-    6: Lesson("Quantisation and NF4", offline_seconds=60, full_minutes=5),
+    6: Lesson("Quantisation and NF4", offline_seconds=30, full_minutes=5),
 }
 
 
