@@ -163,10 +163,10 @@ def bench(targets_key: str) -> list[tuple[str, float, float, str]]:
 
 
 def print_table(rows: list[tuple[str, float, float, str]]) -> None:
-    print(f"{'':30s} {'minipeft':>12s} {'peft':>12s} {'ratio':>7s}")
+    print(f"{'':30s} {'minipeft':>12s} {'peft':>12s} {'minipeft/peft':>14s}")
     for name, ours, theirs, unit in rows:
         fmt = (lambda v: f"{v * 1e3:.1f} ms") if unit == "ms" else format_bytes
-        print(f"{name:30s} {fmt(ours):>12s} {fmt(theirs):>12s} {ours / theirs:7.3f}")
+        print(f"{name:30s} {fmt(ours):>12s} {fmt(theirs):>12s} {ours / theirs:14.3f}")
 
 
 def main() -> None:
