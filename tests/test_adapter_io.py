@@ -11,27 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 from minipeft.adapter_io import export_peft, import_peft, load_adapter, save_adapter
 from minipeft.lora import LoraConfig, add_lora, adapter_state_dict, set_active_adapter
+from tiny_models import tiny_bert, tiny_llama
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-
-
-def tiny_bert(seed: int = 0, hidden: int = 32) -> nn.Module:
-    torch.manual_seed(seed)
-    config = BertConfig(vocab_size=100, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=2 * hidden, max_position_embeddings=64, num_labels=2)
-    return BertForSequenceClassification(config).eval()
-
-
-def tiny_llama(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(config).eval()
 
 
 IDS = torch.randint(0, 100, (3, 11), generator=torch.Generator().manual_seed(0))

@@ -12,11 +12,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 from minipeft.lora import (LoraConfig, LoraLinear, ModulesToSave, add_lora, adapter_state_dict, disable_lora,
                            merge_lora, set_active_adapter, unmerge_lora)
 from minipeft.memory import count_parameters
+from tiny_models import tiny_bert, tiny_llama
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -24,21 +24,6 @@ PEFT_PREFIX = "base_model.model."
 
 
 # ---------------------------------------------------------------- tiny models and helpers
-
-def tiny_bert(seed: int = 0, hidden: int = 32) -> nn.Module:
-    torch.manual_seed(seed)
-    config = BertConfig(vocab_size=100, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=2 * hidden, max_position_embeddings=64, num_labels=2,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return BertForSequenceClassification(config).eval()
-
-
-def tiny_llama(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(config).eval()
-
 
 MODELS = {"bert": tiny_bert, "llama": tiny_llama}
 

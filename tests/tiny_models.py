@@ -1,0 +1,19 @@
+"""Tiny randomly initialised transformers models (BERT and Llama families) for fast tests."""
+import torch
+from torch import nn
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+
+def tiny_bert(seed: int = 0, hidden: int = 32) -> nn.Module:
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=100, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=2 * hidden, max_position_embeddings=64, num_labels=2,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(config).eval()
+
+
+def tiny_llama(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config).eval()
