@@ -31,6 +31,7 @@ from torch import nn
 
 from minipeft import lora
 from minipeft.memory import count_parameters, format_bytes, peak_memory
+from timing import interleaved_times
 
 THREADS = 2
 BATCH, SEQ_LEN = 16, 128
@@ -104,16 +105,7 @@ def merge(impl: str, model: nn.Module) -> None:
 
 def median_times(fns: dict[str, Callable[[], None]]) -> dict[str, float]:
     """Median seconds per call of each fn, calls interleaved."""
-    for fn in fns.values():
-        for _ in range(WARMUP):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(REPEATS):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return {name: statistics.median(ts) for name, ts in interleaved_times(fns, REPEATS, WARMUP).items()}
 
 
 def measure_peak(impl: str, targets_key: str) -> int:

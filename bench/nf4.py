@@ -24,7 +24,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 import warnings
 from typing import Callable
 
@@ -39,6 +38,7 @@ with warnings.catch_warnings():
     import bitsandbytes.functional as bnb_f
 
 from minipeft.quant import NF4State, dequantize_nf4, quantize_nf4
+from timing import interleaved_times
 
 CPU_SHAPE = (4096, 4096)
 GPU_SHAPE = (4096, 14336)
@@ -53,15 +53,7 @@ def bnb_quantize(x: torch.Tensor):
 
 def min_times(fns: dict[str, Callable[[], object]], repeats: int = REPEATS) -> dict[str, float]:
     """Minimum seconds per call of each fn, calls interleaved, after one warm-up call each."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: min(ts) for name, ts in times.items()}
+    return {name: min(ts) for name, ts in interleaved_times(fns, repeats, warmup=1).items()}
 
 
 def cpu_rows(dtype: torch.dtype) -> list[tuple[str, float, float]]:
