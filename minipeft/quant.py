@@ -171,7 +171,8 @@ def quantize_nf4(x: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
         packed, absmax = _torch_quantize(flat, blocksize)
     if not double_quant:
         return packed, NF4State(absmax, x.shape, x.dtype, blocksize)
-    offset = absmax.mean()
+    # The mean on the CPU: a float32 sum's last bit depends on its order, and the GPU sums in another one
+    offset = absmax.cpu().mean().to(absmax.device)
     codes, nested_absmax = _quantize_dynamic_8bit(absmax - offset, NESTED_BLOCKSIZE)
     return packed, NF4State(codes, x.shape, x.dtype, blocksize, offset, nested_absmax)
 
@@ -242,12 +243,19 @@ def _check_state(packed: torch.Tensor, state: NF4State, dtype: torch.dtype) -> N
 
 # ---------------------------------------------------------------------------------------------- CPU path
 
+@functools.cache
+def _on_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A constant table copied to `device` once (a copy per call would cost a GPU kernel a host transfer)."""
+    return table.to(device)
+
+
 def _nearest_code(scaled: torch.Tensor) -> torch.Tensor:
     """NF4 index of each value of `scaled` (already divided by its absmax): the definition of the rounding.
 
     The number of midpoints strictly below the value: nearest code, ties to the lower one.
     """
-    return torch.bucketize(scaled.clamp(-1, 1), NF4_MIDPOINTS.to(scaled.device), out_int32=True).to(torch.uint8)
+    midpoints = _on_device(NF4_MIDPOINTS, scaled.device)
+    return torch.bucketize(scaled.clamp(-1, 1), midpoints, out_int32=True).to(torch.uint8)
 
 
 # The fast path finds the index with one table lookup instead of a search. The scaled value v in [-1, 1]
@@ -336,7 +344,7 @@ def _torch_dequantize(flat: torch.Tensor, absmax: torch.Tensor, n: int, blocksiz
     """code[q] * absmax in float32, rounded to `dtype`: a byte -> value-pair lookup, then one multiply."""
     device = flat.device
     out = torch.empty(n + n % 2, dtype=dtype, device=device)
-    table = _PAIR_TABLE.to(device)
+    table = _on_device(_PAIR_TABLE, device)
     num_full = n // blocksize
     full_end = num_full * blocksize
     rows = max(1, _CHUNK // blocksize)
@@ -355,7 +363,7 @@ def _torch_dequantize(flat: torch.Tensor, absmax: torch.Tensor, n: int, blocksiz
     if full_end < n:
         tail = flat[full_end // 2:]
         nibbles = torch.stack([tail >> 4, tail & 15], dim=1).view(-1)[:n - full_end].long()
-        out[full_end:n] = (NF4_CODE.to(device)[nibbles] * absmax[num_full]).to(dtype)
+        out[full_end:n] = (_on_device(NF4_CODE, device)[nibbles] * absmax[num_full]).to(dtype)
     return out[:n]
 
 
@@ -384,7 +392,7 @@ def _quantize_dynamic_8bit(values: torch.Tensor, blocksize: int) -> tuple[torch.
     reciprocal = 1.0 / torch.where(absmax == 0, 1.0, absmax)  # all-zero blocks are set to code 0 below
     scaled = (padded * reciprocal[:, None]).clamp(-1, 1)
     step = (((scaled + 1.0) * 0.5) * (_DYNAMIC_LUT_SIZE - 1) + 0.5).int()  # float32, as the C code rounds
-    codes = _dynamic_lookup_table().to(values.device)[step]
+    codes = _on_device(_dynamic_lookup_table(), values.device)[step]
     codes = torch.where(absmax[:, None] == 0, 0, codes).to(torch.uint8)  # an all-zero block: code 0
     return codes.view(-1)[:n], absmax
 
@@ -392,7 +400,7 @@ def _quantize_dynamic_8bit(values: torch.Tensor, blocksize: int) -> tuple[torch.
 def _dequantize_dynamic_8bit(codes: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
     n = codes.numel()
     scale = absmax.repeat_interleave(blocksize)[:n]
-    return DYNAMIC_CODE.to(codes.device)[codes.long()] * scale
+    return _on_device(DYNAMIC_CODE, codes.device)[codes.long()] * scale
 
 
 # ---------------------------------------------------------------------------------------------- CUDA path
@@ -429,7 +437,8 @@ def _triton_kernels():
         element = block[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
         x = tl.load(x_ptr + element, mask=element < n, other=0.0).to(tl.float32)  # padding scales to 0 -> 7
         absmax = tl.max(tl.abs(x), axis=1)
-        safe_absmax = tl.maximum(absmax, 1e-38)
+        # 1e-38 is below float32's smallest normal number: as a bare literal Triton would make it float64
+        safe_absmax = tl.maximum(absmax, tl.full((ROWS,), 1e-38, tl.float32))
         whole = (block < num_full_blocks)[:, None]
         # bitsandbytes' rounding: x * (1 / absmax) in whole blocks, x / absmax in the last partial one
         # (div_rn: IEEE division; a plain "/" compiles to an approximate division on GPUs)
@@ -466,17 +475,18 @@ def _triton_kernels():
     return quantize_kernel, dequantize_kernel
 
 
-_TILE = 2048  # values per Triton program
+_QUANTIZE_VALUES = 2048  # values per Triton program
+_DEQUANTIZE_BYTES = 2048  # packed bytes per Triton program: on an H100 the fastest of 256..8192 bytes x 2..16 warps
 
 
 def _triton_quantize(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     quantize_kernel, _ = _triton_kernels()
     n = flat.numel()
     num_blocks = -(-n // blocksize)
-    rows = max(1, _TILE // blocksize)
+    rows = max(1, _QUANTIZE_VALUES // blocksize)
     packed = torch.empty((n + 1) // 2, 1, dtype=torch.uint8, device=flat.device)
     absmax = torch.empty(num_blocks, dtype=torch.float32, device=flat.device)
-    quantize_kernel[(-(-num_blocks // rows),)](flat, NF4_MIDPOINTS.to(flat.device), packed, absmax, n,
+    quantize_kernel[(-(-num_blocks // rows),)](flat, _on_device(NF4_MIDPOINTS, flat.device), packed, absmax, n,
                                                 n // blocksize, BLOCKSIZE=blocksize, ROWS=rows)
     return packed, absmax
 
@@ -485,9 +495,9 @@ def _triton_dequantize(flat: torch.Tensor, absmax: torch.Tensor, n: int, blocksi
                        dtype: torch.dtype) -> torch.Tensor:
     _, dequantize_kernel = _triton_kernels()
     out = torch.empty(n, dtype=dtype, device=flat.device)
-    bytes_per_program = _TILE // 2
-    dequantize_kernel[(-(-flat.numel() // bytes_per_program),)](flat, absmax, NF4_CODE.to(flat.device), out, n,
-                                                                 BLOCKSIZE=blocksize, BYTES=bytes_per_program)
+    code = _on_device(NF4_CODE, flat.device)
+    dequantize_kernel[(-(-flat.numel() // _DEQUANTIZE_BYTES),)](flat, absmax, code, out, n, BLOCKSIZE=blocksize,
+                                                                 BYTES=_DEQUANTIZE_BYTES, num_warps=4)
     return out
 
 

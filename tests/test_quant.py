@@ -349,6 +349,8 @@ def test_cuda_kernels_match_the_cpu_path(dtype):
     for shape, blocksize in [((4096, 4096), 64), ((1000, 37), 64), ((3, 5, 129), 128), ((14336, 512), 256)]:
         for double_quant in (False, True):
             x = random(shape, dtype, seed=7)
+            x.view(-1)[:3 * blocksize] = 0  # all-zero blocks
+            x.view(-1)[-5:] = 0  # and zeros in the last, partial block
             packed, state = quantize_nf4(x.cuda(), blocksize, double_quant)
             ref_packed, ref_state = quantize_nf4(x, blocksize, double_quant)
             assert torch.equal(packed.cpu(), ref_packed)
