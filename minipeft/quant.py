@@ -26,15 +26,24 @@ Pieces:
 - `quantize_nf4(x)` / `dequantize_nf4(packed, state)`
 - `Linear4bit`                                       a frozen NF4 weight that dequantises in forward
 
-Two implementations of the same arithmetic: a CPU path in PyTorch operations (any device, used for CPU
-tensors) and Triton kernels (used for CUDA tensors; `TRITON_INTERPRET=1` runs them on CPU tensors).
+Three implementations of the same arithmetic, chosen by `backend`: PyTorch operations (any device; CPU
+quantisation), a small C kernel for CPU dequantisation (nf4_dequantize.c, compiled on first use), and Triton
+kernels for CUDA tensors (`TRITON_INTERPRET=1` runs them on CPU tensors). The tests check that all agree.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
+import hashlib
 import math
 import os
+import platform
+import subprocess
+import tempfile
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -148,7 +157,7 @@ class NF4State:
 # ---------------------------------------------------------------------------------------------- public API
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-Backend = Literal["auto", "torch", "triton"]
+Backend = Literal["auto", "torch", "c", "triton"]
 
 
 def quantize_nf4(x: torch.Tensor, blocksize: int = 64, double_quant: bool = False, *,
@@ -158,13 +167,14 @@ def quantize_nf4(x: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
     packed: uint8 of shape ((x.numel() + 1) // 2, 1), two 4-bit indices per byte (first value in the high
     nibble; an odd count is padded with the index of 0.0), blocks of `blocksize` values in memory order.
     double_quant: also quantise the absmax values to 8 bits (QLoRA's double quantisation).
-    backend: "auto" runs the Triton kernels for CUDA tensors and PyTorch operations otherwise.
+    backend: "auto" runs the Triton kernels for CUDA tensors and PyTorch operations otherwise ("torch" and
+    "triton" choose one).
     Byte-identical to bitsandbytes' `quantize_4bit(x, blocksize=..., compress_statistics=double_quant,
     quant_type="nf4")`.
     """
     _check_input(x, blocksize)
     flat = x.detach().contiguous().view(-1)
-    if _use_triton(flat, backend):
+    if _choose_backend(flat, backend, blocksize, dequantize=False) == "triton":
         packed, absmax = _triton_quantize(flat, blocksize)
         _check_finite(absmax)
     else:
@@ -182,15 +192,17 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | N
     """The tensor `packed` and `state` describe, of shape `state.shape`, in `dtype` (default: state.dtype).
 
     Each value is NF4_CODE[q] * absmax computed in float32, then rounded to `dtype`.
+    backend: "auto" runs the Triton kernel for CUDA tensors, and for CPU tensors the C kernel
+    (nf4_dequantize.c, compiled on first use; blocksize >= 32) or else PyTorch operations. "torch", "c" and
+    "triton" choose one; all give the same values.
     """
     dtype = state.dtype if dtype is None else dtype
     _check_state(packed, state, dtype)
     absmax = state.block_absmax()
     flat = packed.view(-1)
-    if _use_triton(flat, backend):
-        values = _triton_dequantize(flat, absmax, state.numel, state.blocksize, dtype)
-    else:
-        values = _torch_dequantize(flat, absmax, state.numel, state.blocksize, dtype)
+    implementation = {"triton": _triton_dequantize, "c": _c_dequantize, "torch": _torch_dequantize}
+    dequantize = implementation[_choose_backend(flat, backend, state.blocksize, dequantize=True)]
+    values = dequantize(flat, absmax, state.numel, state.blocksize, dtype)
     return values.view(state.shape)
 
 
@@ -360,11 +372,99 @@ def _torch_dequantize(flat: torch.Tensor, absmax: torch.Tensor, n: int, blocksiz
         target.view(-1, blocksize).mul_(scale_rows)  # x = c_q * absmax
         if target is not out_rows:
             out_rows.copy_(target)
+    _dequantize_last_partial_block(flat, absmax, n, blocksize, out)
+    return out[:n]
+
+
+def _dequantize_last_partial_block(flat: torch.Tensor, absmax: torch.Tensor, n: int, blocksize: int,
+                                   out: torch.Tensor) -> None:
+    """Writes out[full_end:n], the values after the last whole block (nothing if n is whole blocks)."""
+    num_full = n // blocksize
+    full_end = num_full * blocksize
     if full_end < n:
         tail = flat[full_end // 2:]
         nibbles = torch.stack([tail >> 4, tail & 15], dim=1).view(-1)[:n - full_end].long()
-        out[full_end:n] = (_on_device(NF4_CODE, device)[nibbles] * absmax[num_full]).to(dtype)
-    return out[:n]
+        out[full_end:n] = (_on_device(NF4_CODE, flat.device)[nibbles] * absmax[num_full]).to(out.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- C kernel (CPU)
+# Dequantisation is one table lookup and one multiply per value; PyTorch's gather looks values up one at a
+# time, bitsandbytes' CPU kernel is hand-vectorised C. nf4_dequantize.c looks up 16 at a time (GCC's vector
+# extensions: one vpermps instruction on AVX-512), and asks the OS for huge pages for the output. It
+# is compiled on first use (a C compiler is all it needs), cached per machine, and called through ctypes,
+# which releases the GIL: a thread pool splits the blocks over torch.get_num_threads() cores.
+
+_C_SOURCE = Path(__file__).with_name("nf4_dequantize.c")
+_C_FLAGS = ("-O3", "-march=native", "-std=gnu11", "-shared", "-fPIC")
+_C_DTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_C_MIN_BLOCKSIZE = 32  # the kernel reads 16 bytes (32 values) of one block at a time
+_C_VALUES_PER_THREAD = 2**18  # below this, threads cost more than they save
+
+
+def _c_cache_dir() -> Path:
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "minipeft"
+    return Path(os.environ.get("MINIPEFT_CACHE", default))
+
+
+def _cpu_description() -> str:
+    """What -march=native depends on: a binary built for one CPU may not run on another sharing the cache."""
+    try:
+        return next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return platform.processor()
+
+
+@functools.cache
+def _c_kernel():
+    """The compiled `nf4_dequantize` function, or None (with a warning) where it cannot be built."""
+    compiler = os.environ.get("CC", "cc")
+    fingerprint = [_C_SOURCE.read_bytes(), compiler.encode(), " ".join(_C_FLAGS).encode(),
+                   platform.machine().encode(), _cpu_description().encode()]
+    library = _c_cache_dir() / f"nf4_dequantize-{hashlib.sha256(b'|'.join(fingerprint)).hexdigest()[:16]}.so"
+    try:
+        if not library.exists():
+            library.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=library.parent) as build:  # then renamed: safe for parallel runs
+                built = Path(build) / library.name
+                subprocess.run([compiler, *_C_FLAGS, str(_C_SOURCE), "-o", str(built)], check=True,
+                               capture_output=True, text=True, timeout=120)
+                os.replace(built, library)
+        function = ctypes.CDLL(str(library)).nf4_dequantize
+    except (OSError, subprocess.SubprocessError) as error:
+        detail = getattr(error, "stderr", None) or error
+        warnings.warn(f"minipeft.quant: could not build the CPU dequantisation kernel ({detail}); using the "
+                      "slower PyTorch path. Install a C compiler (gcc or clang; set CC to choose one) for speed.",
+                      stacklevel=3)
+        return None
+    function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                         ctypes.c_int, ctypes.c_void_p]
+    function.restype = None
+    return function
+
+
+@functools.cache
+def _thread_pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(workers, thread_name_prefix="minipeft-nf4")
+
+
+def _c_dequantize(flat: torch.Tensor, absmax: torch.Tensor, n: int, blocksize: int,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """Whole blocks by the C kernel, split over threads; the last partial block as in the PyTorch path."""
+    kernel = _c_kernel()
+    out = torch.empty(n, dtype=dtype)
+    absmax = absmax.contiguous()
+    code = NF4_CODE  # float32, contiguous: the kernel reads its 16 values
+    num_full = n // blocksize
+    workers = max(1, min(torch.get_num_threads(), num_full * blocksize // _C_VALUES_PER_THREAD))
+    bounds = [num_full * i // workers for i in range(workers + 1)]
+
+    def run(first: int, last: int) -> None:
+        kernel(flat.data_ptr() + first * blocksize // 2, absmax.data_ptr() + 4 * first, code.data_ptr(),
+               last - first, blocksize, _C_DTYPE[dtype], out.data_ptr() + first * blocksize * out.element_size())
+
+    list(_thread_pool(workers).map(run, bounds[:-1], bounds[1:]))
+    _dequantize_last_partial_block(flat, absmax, n, blocksize, out)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- double quant
@@ -405,19 +505,29 @@ def _dequantize_dynamic_8bit(codes: torch.Tensor, absmax: torch.Tensor, blocksiz
 
 # ---------------------------------------------------------------------------------------------- CUDA path
 
-def _use_triton(flat: torch.Tensor, backend: Backend) -> bool:
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}.")
-    if backend == "torch":
-        return False
+def _choose_backend(flat: torch.Tensor, backend: Backend, blocksize: int, dequantize: bool) -> str:
+    """"torch", "c" or "triton": what `backend` asks for, after checking that it can run here."""
+    if backend not in ("auto", "torch", "c", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch', 'c' or 'triton', got {backend!r}.")
+    c_fits = dequantize and not flat.is_cuda and blocksize >= _C_MIN_BLOCKSIZE
     if backend == "auto":
-        return flat.is_cuda and _triton_kernels() is not None
-    if _triton_kernels() is None:
-        raise ValueError("backend='triton' needs the triton package (pip install triton, Linux only).")
-    if not flat.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("backend='triton' needs CUDA tensors; to run the kernels on CPU tensors, set "
-                         "TRITON_INTERPRET=1 before the first quantisation (Triton's interpreter).")
-    return True
+        if flat.is_cuda and _triton_kernels() is not None:
+            return "triton"
+        return "c" if c_fits and _c_kernel() is not None else "torch"
+    if backend == "c" and not c_fits:
+        got = "quantisation" if not dequantize else "a CUDA tensor" if flat.is_cuda else f"blocksize {blocksize}"
+        raise ValueError(f"backend='c' only dequantises CPU tensors with blocksize >= {_C_MIN_BLOCKSIZE}, got "
+                         f"{got}; use 'auto' or 'torch'.")
+    if backend == "c" and _c_kernel() is None:
+        raise ValueError("backend='c' needs a C compiler to build nf4_dequantize.c (see the warning above); "
+                         "use 'auto' or 'torch'.")
+    if backend == "triton":
+        if _triton_kernels() is None:
+            raise ValueError("backend='triton' needs the triton package (pip install triton, Linux only).")
+        if not flat.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("backend='triton' needs CUDA tensors; to run the kernels on CPU tensors, set "
+                             "TRITON_INTERPRET=1 before the first quantisation (Triton's interpreter).")
+    return backend
 
 
 @functools.cache

@@ -167,24 +167,98 @@ def test_every_linear_weight_of_the_course_bert(bert):
 
 @pytest.mark.parametrize("shape", AWKWARD_SHAPES + [(512, 512)])
 @pytest.mark.parametrize("double_quant", [False, True])
-def test_dequantize_is_the_definition(shape, double_quant):
+@pytest.mark.parametrize("backend", ["torch", "c"])
+def test_dequantize_is_the_definition(shape, double_quant, backend):
     for dtype in DTYPES:
         x = random(shape, dtype, seed=3)
         packed, state = quantize_nf4(x, 64, double_quant)
-        assert dequantize_nf4(packed, state).dtype == dtype
+        assert dequantize_nf4(packed, state, backend=backend).dtype == dtype
         for out_dtype in DTYPES:
-            out = dequantize_nf4(packed, state, out_dtype)
+            out = dequantize_nf4(packed, state, out_dtype, backend=backend)
             assert out.shape == x.shape and out.dtype == out_dtype
             assert torch.equal(out, dequantize_by_definition(packed, state, out_dtype))
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_dequantize_same_as_bitsandbytes(dtype, double_quant):
+@pytest.mark.parametrize("backend", ["torch", "c"])
+def test_dequantize_same_as_bitsandbytes(dtype, double_quant, backend):
     x = random((256, 320), dtype, seed=4)
     packed, state = quantize_nf4(x, 64, double_quant)
     ref_packed, ref_state = bnb_quantize(x, 64, double_quant)
-    assert torch.equal(dequantize_nf4(packed, state), bnb_f.dequantize_4bit(ref_packed, ref_state))
+    assert torch.equal(dequantize_nf4(packed, state, backend=backend), bnb_f.dequantize_4bit(ref_packed, ref_state))
+
+
+# ---------------------------------------------------------------------------------------------- C kernel
+
+@pytest.mark.parametrize("blocksize", [32, 64, 128, 1024, 4096])
+def test_c_kernel_same_as_torch_path_for_every_blocksize_and_dtype(blocksize):
+    for shape in [(blocksize,), (3, blocksize + 5), (1000, 37)]:
+        for dtype in DTYPES:
+            x = random(shape, dtype, seed=blocksize)
+            packed, state = quantize_nf4(x, blocksize)
+            for out_dtype in DTYPES:
+                assert torch.equal(dequantize_nf4(packed, state, out_dtype, backend="c"),
+                                   dequantize_nf4(packed, state, out_dtype, backend="torch"))
+
+
+def test_c_kernel_splits_large_tensors_over_threads():
+    x = random((2048, 1024), torch.bfloat16, seed=6)  # 2 M values: at least two threads' worth
+    packed, state = quantize_nf4(x)
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            ours = dequantize_nf4(packed, state, backend="c")
+            assert torch.equal(ours, dequantize_nf4(packed, state, backend="torch"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_auto_backend_dequantises_cpu_tensors_with_the_c_kernel_where_it_applies():
+    from minipeft.quant import _choose_backend
+    flat = torch.zeros(64, dtype=torch.uint8)
+    assert _choose_backend(flat, "auto", 64, dequantize=True) == "c"
+    assert _choose_backend(flat, "auto", 16, dequantize=True) == "torch"  # blocks smaller than 16 bytes
+    assert _choose_backend(flat, "auto", 64, dequantize=False) == "torch"
+
+
+def test_c_backend_errors_name_what_it_does():
+    x = random((4, 64))
+    with pytest.raises(ValueError, match="only dequantises.*got quantisation"):
+        quantize_nf4(x, backend="c")
+    packed, state = quantize_nf4(x, 16)
+    with pytest.raises(ValueError, match="blocksize >= 32, got blocksize 16"):
+        dequantize_nf4(packed, state, backend="c")
+    with pytest.raises(ValueError, match="backend must be"):
+        dequantize_nf4(packed, state, backend="numba")
+
+
+NO_COMPILER_CHECK = textwrap.dedent("""
+    import warnings
+    import torch
+    from minipeft.quant import quantize_nf4, dequantize_nf4
+    packed, state = quantize_nf4(torch.randn(3, 100))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = dequantize_nf4(packed, state)
+    assert torch.equal(out, dequantize_nf4(packed, state, backend="torch"))
+    print("warned:", caught[0].message)
+    try:
+        dequantize_nf4(packed, state, backend="c")
+    except ValueError as error:
+        print("error:", error)
+""")
+
+
+def test_without_a_c_compiler_dequantisation_warns_and_uses_the_torch_path(tmp_path):
+    env = {**os.environ, "CC": str(tmp_path / "no-such-compiler"), "MINIPEFT_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run([sys.executable, "-c", NO_COMPILER_CHECK], env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "warned: minipeft.quant: could not build the CPU dequantisation kernel" in result.stdout
+    assert "Install a C compiler" in result.stdout
+    assert "error: backend='c' needs a C compiler" in result.stdout
 
 
 def test_quantisation_error_is_small():
