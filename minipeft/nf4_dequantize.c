@@ -22,33 +22,32 @@ typedef float f32x16 __attribute__((vector_size(64)));
 typedef int32_t i32x16 __attribute__((vector_size(64)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
 typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef uint16_t u16x32 __attribute__((vector_size(64)));
 
 enum { FLOAT32 = 0, BFLOAT16 = 1, FLOAT16 = 2 };
 
-/* Stores 16 float32 values as `dtype` at out[0..15], rounding to nearest even. */
-static inline void store16(f32x16 v, int dtype, char *out) {
-    if (dtype == FLOAT32) {
-        memcpy(out, &v, sizeof v);
-    } else if (dtype == FLOAT16) {
-#ifdef __F16C__  /* GCC converts to _Float16 one value at a time; F16C converts 8 */
-        __m256 halves[2];
-        memcpy(halves, &v, sizeof v);
-        for (int half = 0; half < 2; half++) {
-            __m128i h = _mm256_cvtps_ph(halves[half], _MM_FROUND_TO_NEAREST_INT);
-            memcpy(out + half * sizeof h, &h, sizeof h);
-        }
-#else
-        _Float16 h[16];
-        for (int i = 0; i < 16; i++) h[i] = (_Float16)v[i];
-        memcpy(out, h, sizeof h);
-#endif
-    } else {  /* bfloat16: the top 16 bits of the float32, rounded to nearest even */
-        u32x16 bits;
-        memcpy(&bits, &v, sizeof v);
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16;
-        u16x16 b = __builtin_convertvector(bits, u16x16);
-        memcpy(out, &b, sizeof b);
+/* 16 float32 values rounded to `dtype` (bfloat16 or float16, to nearest even): the 16-bit pattern of value i
+   in the low half of 32-bit lane i, so that read as 16-bit lanes the values sit at 0, 2, 4, ... 30. */
+static inline u32x16 to_16_bits(f32x16 v, int dtype) {
+    if (dtype == BFLOAT16) {  /* the top 16 bits of the float32, rounded */
+        const u32x16 bits = (u32x16)v;
+        return (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16;
     }
+#ifdef __F16C__  /* GCC converts to _Float16 one value at a time; F16C converts 8 */
+    typedef float f32x8 __attribute__((vector_size(32)));
+    const f32x8 low = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+    const f32x8 high = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m256i halves = _mm256_set_m128i(_mm256_cvtps_ph((__m256)high, _MM_FROUND_TO_NEAREST_INT),
+                                            _mm256_cvtps_ph((__m256)low, _MM_FROUND_TO_NEAREST_INT));
+    return __builtin_convertvector((u16x16)halves, u32x16);
+#else
+    u16x16 halves;
+    for (int i = 0; i < 16; i++) {
+        const _Float16 h = (_Float16)v[i];
+        memcpy(&halves[i], &h, sizeof h);
+    }
+    return __builtin_convertvector(halves, u32x16);
+#endif
 }
 
 /* The output is usually fresh memory, which the OS maps on first write, one 4 KiB page at a time: for a
@@ -65,26 +64,39 @@ static void ask_for_huge_pages(char *start, size_t size) {
 #endif
 }
 
+/* Per block: the 16 possible outputs c_q * absmax (one float32 rounding each, then one to `dtype`) form a
+   table. Per 16 bytes: the 32 nibbles, in output order, pick their values from it with one shuffle. */
 void nf4_dequantize(const uint8_t *packed, const float *absmax, const float *code, int64_t num_blocks,
                     int64_t blocksize, int dtype, void *out) {
+    const int64_t block_bytes = blocksize / 2;
     const int element_size = dtype == FLOAT32 ? 4 : 2;
+    ask_for_huge_pages(out, (size_t)(num_blocks * blocksize * element_size));
+    f32x16 codes;
+    memcpy(&codes, code, sizeof codes);
     const i32x16 first_half = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};  /* interleave */
     const i32x16 second_half = first_half + 8;
-    f32x16 table;
-    memcpy(&table, code, sizeof table);
-    char *dst = out;
-    ask_for_huge_pages(dst, (size_t)(num_blocks * blocksize * element_size));
     for (int64_t block = 0; block < num_blocks; block++) {
-        const f32x16 scaled_table = table * absmax[block];  /* c_q * absmax for all 16 q: one rounding each */
-        for (int64_t byte = 0; byte < blocksize / 2; byte += 16) {
-            const uint8_t *bytes = packed + block * (blocksize / 2) + byte;
+        const f32x16 values = codes * absmax[block];  /* x = c_q * absmax, for all 16 q */
+        const u16x32 values_16_bits = dtype == FLOAT32 ? (u16x32){0} : (u16x32)to_16_bits(values, dtype);
+        for (int64_t byte = 0; byte < block_bytes; byte += 16) {
+            const uint8_t *bytes = packed + block * block_bytes + byte;
             i32x16 q;
-            for (int i = 0; i < 16; i++) q[i] = bytes[i];  /* widened to 32 bits, the shuffle's index width */
-            const f32x16 high = __builtin_shuffle(scaled_table, q >> 4);   /* first value of each byte */
-            const f32x16 low = __builtin_shuffle(scaled_table, q & 15);    /* second value */
-            store16(__builtin_shuffle(high, low, first_half), dtype, dst);
-            store16(__builtin_shuffle(high, low, second_half), dtype, dst + 16 * element_size);
-            dst += 32 * element_size;
+            for (int i = 0; i < 16; i++) q[i] = bytes[i];  /* widened to 32 bits */
+            char *dst = (char *)out + (block * blocksize + 2 * byte) * element_size;
+            if (dtype == FLOAT32) {
+                const f32x16 high = __builtin_shuffle(values, q >> 4);  /* first value of each byte */
+                const f32x16 low = __builtin_shuffle(values, q & 15);   /* second value */
+                const f32x16 first = __builtin_shuffle(high, low, first_half);
+                const f32x16 second = __builtin_shuffle(high, low, second_half);
+                memcpy(dst, &first, sizeof first);
+                memcpy(dst + sizeof first, &second, sizeof second);
+            } else {
+                /* 32-bit lane i = (2 * low nibble) << 16 | 2 * high nibble: read as 16-bit lanes (little-endian),
+                   the table positions of values 2i and 2i + 1, in output order */
+                const u16x32 index = (u16x32)(((q >> 4) << 1) | ((q & 15) << 17));
+                const u16x32 result = __builtin_shuffle(values_16_bits, index);
+                memcpy(dst, &result, sizeof result);
+            }
         }
     }
 }
