@@ -52,8 +52,9 @@ static inline u32x16 to_16_bits(f32x16 v, int dtype) {
 
 /* The output is usually fresh memory, which the OS maps on first write, one 4 KiB page at a time: for a
    4096 x 4096 bfloat16 matrix, 8192 page faults that cost more than the dequantisation itself. Asking for
-   2 MiB pages (Linux; a hint, ignored where unsupported) makes that 16. */
-static void ask_for_huge_pages(char *start, size_t size) {
+   2 MiB pages (Linux; a hint, ignored where unsupported) makes that 16. Called once per output, before the
+   threads start: it changes the process's memory map, which page faults in other threads wait for. */
+void ask_for_huge_pages(char *start, int64_t size) {
 #ifdef MADV_HUGEPAGE
     const uintptr_t huge = (uintptr_t)1 << 21;
     const uintptr_t first = ((uintptr_t)start + huge - 1) & ~(huge - 1);
@@ -70,7 +71,6 @@ void nf4_dequantize(const uint8_t *packed, const float *absmax, const float *cod
                     int64_t blocksize, int dtype, void *out) {
     const int64_t block_bytes = blocksize / 2;
     const int element_size = dtype == FLOAT32 ? 4 : 2;
-    ask_for_huge_pages(out, (size_t)(num_blocks * blocksize * element_size));
     f32x16 codes;
     memcpy(&codes, code, sizeof codes);
     const i32x16 first_half = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};  /* interleave */

@@ -415,8 +415,9 @@ def _cpu_description() -> str:
 
 
 @functools.cache
-def _c_kernel():
-    """The compiled `nf4_dequantize` function, or None (with a warning) where it cannot be built."""
+def _c_kernel() -> ctypes.CDLL | None:
+    """The compiled nf4_dequantize.c (functions nf4_dequantize, ask_for_huge_pages), or None (with a
+    warning) where it cannot be built."""
     compiler = os.environ.get("CC", "cc")
     fingerprint = [_C_SOURCE.read_bytes(), compiler.encode(), " ".join(_C_FLAGS).encode(),
                    platform.machine().encode(), _cpu_description().encode()]
@@ -429,17 +430,19 @@ def _c_kernel():
                 subprocess.run([compiler, *_C_FLAGS, str(_C_SOURCE), "-o", str(built)], check=True,
                                capture_output=True, text=True, timeout=120)
                 os.replace(built, library)
-        function = ctypes.CDLL(str(library)).nf4_dequantize
+        kernel = ctypes.CDLL(str(library))
     except (OSError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", None) or error
         warnings.warn(f"minipeft.quant: could not build the CPU dequantisation kernel ({detail}); using the "
                       "slower PyTorch path. Install GCC (the kernel uses GCC's vector extensions; set CC to point "
                       "at it) for speed.", stacklevel=3)
         return None
-    function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                         ctypes.c_int, ctypes.c_void_p]
-    function.restype = None
-    return function
+    kernel.nf4_dequantize.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                      ctypes.c_int64, ctypes.c_int, ctypes.c_void_p]
+    kernel.nf4_dequantize.restype = None
+    kernel.ask_for_huge_pages.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    kernel.ask_for_huge_pages.restype = None
+    return kernel
 
 
 @functools.cache
@@ -459,9 +462,11 @@ def _c_dequantize(flat: torch.Tensor, absmax: torch.Tensor, n: int, blocksize: i
     bounds = [num_full * i // workers for i in range(workers + 1)]
 
     def run(first: int, last: int) -> None:
-        kernel(flat.data_ptr() + first * blocksize // 2, absmax.data_ptr() + 4 * first, code.data_ptr(),
-               last - first, blocksize, _C_DTYPE[dtype], out.data_ptr() + first * blocksize * out.element_size())
+        kernel.nf4_dequantize(flat.data_ptr() + first * blocksize // 2, absmax.data_ptr() + 4 * first,
+                              code.data_ptr(), last - first, blocksize, _C_DTYPE[dtype],
+                              out.data_ptr() + first * blocksize * out.element_size())
 
+    kernel.ask_for_huge_pages(out.data_ptr(), out.numel() * out.element_size())
     others = [_thread_pool(workers).submit(run, first, last) for first, last in zip(bounds[1:-1], bounds[2:])]
     run(bounds[0], bounds[1])  # this thread takes the first share instead of waiting idle
     for share in others:
