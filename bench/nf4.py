@@ -3,6 +3,7 @@
     python bench/nf4.py                 # CPU: 4096 x 4096, float32 and bfloat16
     python bench/nf4.py --threads 1     # both libraries on one core (bitsandbytes through OMP_NUM_THREADS)
     python bench/nf4.py --gpu           # also the CUDA part (Triton kernels), needs a GPU
+    python bench/nf4.py --gpu --skip-cpu  # the CUDA part only
 
 CPU: quantize_nf4 vs bitsandbytes.functional.quantize_4bit(quant_type="nf4") and dequantize_nf4 vs
 dequantize_4bit (to the input's dtype), on a random normal 4096 x 4096 matrix in float32 and bfloat16.
@@ -71,14 +72,16 @@ def cpu_rows(dtype: torch.dtype) -> list[tuple[str, float, float]]:
 
 
 def cuda_median(fn: Callable[[], object], repeats: int = 50) -> float:
-    """Median seconds of fn on the GPU (CUDA events). Before each call the L2 cache is overwritten, so that
-    the inputs come from memory, not from L2 (the 4096 x 14336 input, 31 MB, would fit in it)."""
-    flush = torch.empty(512 * 2**20, dtype=torch.uint8, device="cuda")
+    """Median seconds of fn on the GPU (CUDA events). Before each call 512 MB are read, which evicts the L2
+    cache: the inputs then come from memory, not from L2 (the 4096 x 14336 input, 31 MB, would fit in it).
+    Reading, not writing: a write would leave the L2 full of dirty lines whose write-back to memory would
+    then be charged to fn."""
+    flush = torch.ones(128 * 2**20, dtype=torch.float32, device="cuda")
     for _ in range(3):
         fn()
     times = []
     for _ in range(repeats):
-        flush.zero_()
+        flush.max()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -138,15 +141,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--gpu", action="store_true", help="also run the CUDA part")
+    parser.add_argument("--skip-cpu", action="store_true", help="leave out the CPU part")
     parser.add_argument("--peak-gbs", type=float, default=None, help="the GPU's peak memory bandwidth, GB/s")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, bitsandbytes {bitsandbytes.__version__}, {args.threads} CPU threads, "
-          f"{CPU_SHAPE[0]} x {CPU_SHAPE[1]}, blocksize 64, min of {REPEATS} interleaved runs")
-    print(f"{'':22s} {'minipeft':>10s} {'bnb':>10s} {'bnb/minipeft':>13s}")
-    for dtype in (torch.float32, torch.bfloat16):
-        for name, ours, theirs in cpu_rows(dtype):
-            print(f"{name:22s} {ours * 1e3:8.1f}ms {theirs * 1e3:8.1f}ms {theirs / ours:13.2f}")
+    print(f"torch {torch.__version__}, bitsandbytes {bitsandbytes.__version__}")
+    if not args.skip_cpu:
+        print(f"CPU: {args.threads} threads, {CPU_SHAPE[0]} x {CPU_SHAPE[1]}, blocksize 64, "
+              f"min of {REPEATS} interleaved runs")
+        print(f"{'':22s} {'minipeft':>10s} {'bnb':>10s} {'bnb/minipeft':>13s}")
+        for dtype in (torch.float32, torch.bfloat16):
+            for name, ours, theirs in cpu_rows(dtype):
+                print(f"{name:22s} {ours * 1e3:8.1f}ms {theirs * 1e3:8.1f}ms {theirs / ours:13.2f}")
     if args.gpu:
         if not torch.cuda.is_available():
             sys.exit("--gpu: no CUDA device here")

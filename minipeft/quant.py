@@ -573,16 +573,18 @@ def _triton_kernels():
 
     @triton.jit
     def dequantize_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, n,
-                          BLOCKSIZE: tl.constexpr, BYTES: tl.constexpr):
-        # One program expands BYTES packed bytes into 2 * BYTES values; both values of a byte share a block.
-        byte = tl.program_id(0) * BYTES + tl.arange(0, BYTES)
-        in_range = byte < (n + 1) // 2
-        packed = tl.load(packed_ptr + byte, mask=in_range, other=0).to(tl.int32)
-        scale = tl.load(absmax_ptr + (2 * byte) // BLOCKSIZE, mask=in_range, other=0.0)
+                          BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr, ROW_BYTES: tl.constexpr):
+        # One program expands a (ROWS, ROW_BYTES) tile of packed bytes into 2 * ROWS * ROW_BYTES values. A row
+        # lies inside one block (one scale per row), and its 2 * ROW_BYTES values are stored contiguously.
+        row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        byte = row[:, None] * ROW_BYTES + tl.arange(0, ROW_BYTES)[None, :]
+        packed = tl.load(packed_ptr + byte, mask=byte < (n + 1) // 2, other=0).to(tl.int32)
+        first_value = 2 * ROW_BYTES * row
+        scale = tl.load(absmax_ptr + first_value // BLOCKSIZE, mask=first_value < n, other=0.0)[:, None]
         first = tl.load(code_ptr + (packed >> 4)) * scale     # x = c_q * absmax, in float32
         second = tl.load(code_ptr + (packed & 15)) * scale
-        values = tl.reshape(tl.join(first, second), (2 * BYTES,))
-        element = tl.program_id(0) * 2 * BYTES + tl.arange(0, 2 * BYTES)
+        values = tl.reshape(tl.join(first, second), (2 * ROWS * ROW_BYTES,))
+        element = tl.program_id(0) * 2 * ROWS * ROW_BYTES + tl.arange(0, 2 * ROWS * ROW_BYTES)
         if out_ptr.dtype.element_ty == tl.bfloat16:
             # Round to nearest even by hand: the GPU would, but Triton's interpreter truncates to bfloat16.
             bits = values.to(tl.uint32, bitcast=True)
@@ -594,7 +596,8 @@ def _triton_kernels():
 
 
 _QUANTIZE_VALUES = 2048  # values per Triton program
-_DEQUANTIZE_BYTES = 2048  # packed bytes per Triton program: on an H100 the fastest of 256..8192 bytes x 2..16 warps
+_DEQUANTIZE_BYTES = 2048  # packed bytes per Triton program, 8 per row: the fastest tiles and warps we tried
+_DEQUANTIZE_ROW_BYTES = 8  # on an H100 (4096 x 14336 to bfloat16; 1D tiles and rows of 4 or 16 bytes were slower)
 
 
 def _triton_quantize(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -614,8 +617,10 @@ def _triton_dequantize(flat: torch.Tensor, absmax: torch.Tensor, n: int, blocksi
     _, dequantize_kernel = _triton_kernels()
     out = torch.empty(n, dtype=dtype, device=flat.device)
     code = _on_device(NF4_CODE, flat.device)
+    row_bytes = min(_DEQUANTIZE_ROW_BYTES, blocksize // 2)  # a row must not straddle two blocks
+    rows = _DEQUANTIZE_BYTES // row_bytes
     dequantize_kernel[(-(-flat.numel() // _DEQUANTIZE_BYTES),)](flat, absmax, code, out, n, BLOCKSIZE=blocksize,
-                                                                 BYTES=_DEQUANTIZE_BYTES, num_warps=4)
+                                                                 ROWS=rows, ROW_BYTES=row_bytes, num_warps=4)
     return out
 
 
