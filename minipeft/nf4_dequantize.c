@@ -9,6 +9,12 @@
    Why C: the work per value is one 16-entry table lookup and one multiply, so speed is the number of values
    a loop handles per instruction. GCC's vector extensions write the lookup as __builtin_shuffle, one
    instruction (vpermps) on AVX-512 for 16 values at once; PyTorch's gather does one value at a time. */
+#if defined(__clang__) || !defined(__GNUC__) || __GNUC__ < 9
+#error "nf4_dequantize.c needs GCC 9 or newer (GCC's vector extensions: __builtin_shuffle, __builtin_convertvector)"
+#endif
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "nf4_dequantize.c reads pairs of 16-bit lanes as one 32-bit lane: little-endian machines only"
+#endif
 #include <stdint.h>
 #include <string.h>
 #if __has_include(<sys/mman.h>)
@@ -34,11 +40,11 @@ static inline u32x16 to_16_bits(f32x16 v, int dtype) {
         return (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16;
     }
 #ifdef __F16C__  /* GCC converts to _Float16 one value at a time; F16C converts 8 */
-    typedef float f32x8 __attribute__((vector_size(32)));
-    const f32x8 low = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
-    const f32x8 high = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m256i halves = _mm256_set_m128i(_mm256_cvtps_ph((__m256)high, _MM_FROUND_TO_NEAREST_INT),
-                                            _mm256_cvtps_ph((__m256)low, _MM_FROUND_TO_NEAREST_INT));
+    __m256 low, high;
+    memcpy(&low, &v, sizeof low);
+    memcpy(&high, (const char *)&v + sizeof low, sizeof high);
+    const __m256i halves = _mm256_set_m128i(_mm256_cvtps_ph(high, _MM_FROUND_TO_NEAREST_INT),
+                                            _mm256_cvtps_ph(low, _MM_FROUND_TO_NEAREST_INT));
     return __builtin_convertvector((u16x16)halves, u32x16);
 #else
     u16x16 halves;
@@ -52,8 +58,9 @@ static inline u32x16 to_16_bits(f32x16 v, int dtype) {
 
 /* The output is usually fresh memory, which the OS maps on first write, one 4 KiB page at a time: for a
    4096 x 4096 bfloat16 matrix, 8192 page faults that cost more than the dequantisation itself. Asking for
-   2 MiB pages (Linux; a hint, ignored where unsupported) makes that 16. Called once per output, before the
-   threads start: it changes the process's memory map, which page faults in other threads wait for. */
+   2 MiB pages (Linux; a hint: ignored where unsupported, and memory already mapped stays as it is) makes
+   that 16. Called once per output, before the threads start: it changes the process's memory map, which page
+   faults in other threads wait for. */
 void ask_for_huge_pages(char *start, int64_t size) {
 #ifdef MADV_HUGEPAGE
     const uintptr_t huge = (uintptr_t)1 << 21;

@@ -38,6 +38,7 @@ import hashlib
 import math
 import os
 import platform
+import shlex
 import subprocess
 import tempfile
 import warnings
@@ -170,7 +171,9 @@ def quantize_nf4(x: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
     backend: "auto" runs the Triton kernels for CUDA tensors and PyTorch operations otherwise ("torch" and
     "triton" choose one).
     Byte-identical to bitsandbytes' `quantize_4bit(x, blocksize=..., compress_statistics=double_quant,
-    quant_type="nf4")`.
+    quant_type="nf4")` on the CPU. For CUDA tensors the packed bytes and absmax equal bitsandbytes' CUDA
+    kernel's too; with double quantisation the offset is the CPU's mean (bitsandbytes takes it on the GPU,
+    which can differ in its last bit).
     """
     _check_input(x, blocksize)
     flat = x.detach().contiguous().view(-1)
@@ -181,7 +184,8 @@ def quantize_nf4(x: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
         packed, absmax = _torch_quantize(flat, blocksize)
     if not double_quant:
         return packed, NF4State(absmax, x.shape, x.dtype, blocksize)
-    # The mean on the CPU: a float32 sum's last bit depends on its order, and the GPU sums in another one
+    # The mean on the CPU, for CUDA tensors too: a float32 sum's last bit depends on its order, which differs
+    # between devices (and thread counts), and bitsandbytes' CPU code is the reference we match.
     offset = absmax.cpu().mean().to(absmax.device)
     codes, nested_absmax = _quantize_dynamic_8bit(absmax - offset, NESTED_BLOCKSIZE)
     return packed, NF4State(codes, x.shape, x.dtype, blocksize, offset, nested_absmax)
@@ -198,8 +202,8 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | N
     """
     dtype = state.dtype if dtype is None else dtype
     _check_state(packed, state, dtype)
-    absmax = state.block_absmax()
-    flat = packed.view(-1)
+    absmax = state.block_absmax().to(torch.float32).contiguous()  # the kernels read raw float32 memory
+    flat = packed.contiguous().view(-1)
     implementation = {"triton": _triton_dequantize, "c": _c_dequantize, "torch": _torch_dequantize}
     dequantize = implementation[_choose_backend(flat, backend, state.blocksize, dequantize=True)]
     values = dequantize(flat, absmax, state.numel, state.blocksize, dtype)
@@ -211,12 +215,15 @@ def _check_input(x: torch.Tensor, blocksize: int) -> None:
         got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"quantize_nf4: x must be a float32, float16 or bfloat16 tensor, got {got}. "
                          "Convert it first, e.g. x.float().")
-    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or not 2 <= blocksize <= 4096 \
-            or blocksize & (blocksize - 1):
-        raise ValueError(f"quantize_nf4: blocksize must be a power of two from 2 to 4096, got {blocksize!r}. "
-                         "QLoRA uses 64.")
+    _check_blocksize(blocksize, "quantize_nf4: blocksize")
     if x.numel() == 0:
         raise ValueError("quantize_nf4: x is empty; there is nothing to quantise.")
+
+
+def _check_blocksize(blocksize: int, what: str) -> None:
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or not 2 <= blocksize <= 4096 \
+            or blocksize & (blocksize - 1):
+        raise ValueError(f"{what} must be a power of two from 2 to 4096, got {blocksize!r}. QLoRA uses 64.")
 
 
 def _check_finite(absmax: torch.Tensor) -> None:
@@ -226,6 +233,7 @@ def _check_finite(absmax: torch.Tensor) -> None:
 
 
 def _check_state(packed: torch.Tensor, state: NF4State, dtype: torch.dtype) -> None:
+    _check_blocksize(state.blocksize, "dequantize_nf4: state.blocksize")
     problems = []
     if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
         problems.append(f"packed must be a uint8 tensor, got {getattr(packed, 'dtype', type(packed).__name__)}")
@@ -257,7 +265,8 @@ def _check_state(packed: torch.Tensor, state: NF4State, dtype: torch.dtype) -> N
 
 @functools.cache
 def _on_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A constant table copied to `device` once (a copy per call would cost a GPU kernel a host transfer)."""
+    """One of this module's constant tables, copied to `device` once (a copy per call would cost a GPU kernel
+    a host transfer). Keyed by the tensor object: for module constants only, never for user tensors."""
     return table.to(device)
 
 
@@ -402,8 +411,9 @@ _C_VALUES_PER_THREAD = 2**20  # a thread's share: ~0.1 ms of work, well above th
 
 
 def _c_cache_dir() -> Path:
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "minipeft"
-    return Path(os.environ.get("MINIPEFT_CACHE", default))
+    if "MINIPEFT_CACHE" in os.environ:
+        return Path(os.environ["MINIPEFT_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "minipeft"
 
 
 def _cpu_description() -> str:
@@ -415,39 +425,46 @@ def _cpu_description() -> str:
 
 
 @functools.cache
-def _c_kernel() -> ctypes.CDLL | None:
-    """The compiled nf4_dequantize.c (functions nf4_dequantize, ask_for_huge_pages), or None (with a
-    warning) where it cannot be built."""
-    compiler = os.environ.get("CC", "cc")
-    fingerprint = [_C_SOURCE.read_bytes(), compiler.encode(), " ".join(_C_FLAGS).encode(),
-                   platform.machine().encode(), _cpu_description().encode()]
-    library = _c_cache_dir() / f"nf4_dequantize-{hashlib.sha256(b'|'.join(fingerprint)).hexdigest()[:16]}.so"
+def _build_c_kernel() -> tuple[ctypes.CDLL | None, str]:
+    """(the compiled nf4_dequantize.c, "") or (None, why it could not be built), warning once."""
+    compiler = shlex.split(os.environ.get("CC", "cc"))
     try:
+        fingerprint = [_C_SOURCE.read_bytes(), " ".join(compiler + list(_C_FLAGS)).encode(),
+                       platform.machine().encode(), _cpu_description().encode()]
+        name = f"nf4_dequantize-{hashlib.sha256(b'|'.join(fingerprint)).hexdigest()[:16]}.so"
+        library = _c_cache_dir() / name
         if not library.exists():
             library.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=library.parent) as build:  # then renamed: safe for parallel runs
-                built = Path(build) / library.name
-                subprocess.run([compiler, *_C_FLAGS, str(_C_SOURCE), "-o", str(built)], check=True,
+                subprocess.run([*compiler, *_C_FLAGS, str(_C_SOURCE), "-o", str(Path(build) / name)], check=True,
                                capture_output=True, text=True, timeout=120)
-                os.replace(built, library)
+                os.replace(Path(build) / name, library)
         kernel = ctypes.CDLL(str(library))
-    except (OSError, subprocess.SubprocessError) as error:
-        detail = getattr(error, "stderr", None) or error
-        warnings.warn(f"minipeft.quant: could not build the CPU dequantisation kernel ({detail}); using the "
-                      "slower PyTorch path. Install GCC (the kernel uses GCC's vector extensions; set CC to point "
-                      "at it) for speed.", stacklevel=3)
-        return None
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:  # RuntimeError: no home directory
+        stderr = getattr(error, "stderr", None)
+        problem = stderr.strip().splitlines()[-1] if stderr else f"{type(error).__name__}: {error}"
+        warnings.warn(f"minipeft.quant: the CPU dequantisation kernel could not be built ({problem}), so "
+                      "dequantize_nf4 uses the slower PyTorch path. It needs GCC 9 or newer (set CC to choose the "
+                      "compiler) and a writable cache folder (set MINIPEFT_CACHE to choose one).", stacklevel=5)
+        return None, problem
     kernel.nf4_dequantize.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                       ctypes.c_int64, ctypes.c_int, ctypes.c_void_p]
     kernel.nf4_dequantize.restype = None
     kernel.ask_for_huge_pages.argtypes = [ctypes.c_void_p, ctypes.c_int64]
     kernel.ask_for_huge_pages.restype = None
-    return kernel
+    return kernel, ""
+
+
+def _c_kernel() -> ctypes.CDLL | None:
+    return _build_c_kernel()[0]
 
 
 @functools.cache
-def _thread_pool(workers: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(workers, thread_name_prefix="minipeft-nf4")
+def _thread_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="minipeft-nf4")
+
+
+os.register_at_fork(after_in_child=_thread_pool.cache_clear)  # a forked child has none of the pool's threads
 
 
 def _c_dequantize(flat: torch.Tensor, absmax: torch.Tensor, n: int, blocksize: int,
@@ -455,7 +472,6 @@ def _c_dequantize(flat: torch.Tensor, absmax: torch.Tensor, n: int, blocksize: i
     """Whole blocks by the C kernel, split over threads; the last partial block as in the PyTorch path."""
     kernel = _c_kernel()
     out = torch.empty(n, dtype=dtype)
-    absmax = absmax.contiguous()
     code = NF4_CODE  # float32, contiguous: the kernel reads its 16 values
     num_full = n // blocksize
     workers = max(1, min(torch.get_num_threads(), num_full * blocksize // _C_VALUES_PER_THREAD))
@@ -467,7 +483,7 @@ def _c_dequantize(flat: torch.Tensor, absmax: torch.Tensor, n: int, blocksize: i
                               out.data_ptr() + first * blocksize * out.element_size())
 
     kernel.ask_for_huge_pages(out.data_ptr(), out.numel() * out.element_size())
-    others = [_thread_pool(workers).submit(run, first, last) for first, last in zip(bounds[1:-1], bounds[2:])]
+    others = [_thread_pool().submit(run, first, last) for first, last in zip(bounds[1:-1], bounds[2:])]
     run(bounds[0], bounds[1])  # this thread takes the first share instead of waiting idle
     for share in others:
         share.result()
@@ -514,21 +530,28 @@ def _dequantize_dynamic_8bit(codes: torch.Tensor, absmax: torch.Tensor, blocksiz
 # ---------------------------------------------------------------------------------------------- CUDA path
 
 def _choose_backend(flat: torch.Tensor, backend: Backend, blocksize: int, dequantize: bool) -> str:
-    """"torch", "c" or "triton": what `backend` asks for, after checking that it can run here."""
+    """The implementation to run, "torch", "c" or "triton": `backend`, after checking that it can run here."""
     if backend not in ("auto", "torch", "c", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch', 'c' or 'triton', got {backend!r}.")
-    c_fits = dequantize and not flat.is_cuda and blocksize >= _C_MIN_BLOCKSIZE
+    on_cpu = flat.device.type == "cpu"
+    c_fits = dequantize and on_cpu and blocksize >= _C_MIN_BLOCKSIZE
     if backend == "auto":
         if flat.is_cuda and _triton_kernels() is not None:
             return "triton"
         return "c" if c_fits and _c_kernel() is not None else "torch"
     if backend == "c" and not c_fits:
-        got = "quantisation" if not dequantize else "a CUDA tensor" if flat.is_cuda else f"blocksize {blocksize}"
+        if not dequantize:
+            got = "quantisation"
+        elif not on_cpu:
+            got = f"a tensor on {flat.device}"
+        else:
+            got = f"blocksize {blocksize}"
         raise ValueError(f"backend='c' only dequantises CPU tensors with blocksize >= {_C_MIN_BLOCKSIZE}, got "
                          f"{got}; use 'auto' or 'torch'.")
     if backend == "c" and _c_kernel() is None:
-        raise ValueError("backend='c' needs a C compiler to build nf4_dequantize.c (see the warning above); "
-                         "use 'auto' or 'torch'.")
+        raise ValueError(f"backend='c': nf4_dequantize.c could not be built ({_build_c_kernel()[1]}); it needs "
+                         "GCC 9 or newer (set CC) and a writable cache folder (MINIPEFT_CACHE). Use 'auto' or "
+                         "'torch'.")
     if backend == "triton":
         if _triton_kernels() is None:
             raise ValueError("backend='triton' needs the triton package (pip install triton, Linux only).")
@@ -596,8 +619,10 @@ def _triton_kernels():
 
 
 _QUANTIZE_VALUES = 2048  # values per Triton program
-_DEQUANTIZE_BYTES = 2048  # packed bytes per Triton program, 8 per row: the fastest tiles and warps we tried
-_DEQUANTIZE_ROW_BYTES = 8  # on an H100 (4096 x 14336 to bfloat16; 1D tiles and rows of 4 or 16 bytes were slower)
+# Packed bytes per dequantisation program, and per row of its tile: the fastest of the shapes and warp counts
+# we tried on an H100 (4096 x 14336 to bfloat16; flat tiles, and rows of 4 or 16 bytes, were slower).
+_DEQUANTIZE_BYTES = 2048
+_DEQUANTIZE_ROW_BYTES = 8
 
 
 def _triton_quantize(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:

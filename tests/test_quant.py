@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from minipeft import quant
 from minipeft.quant import (NF4_CODE, NF4_MIDPOINTS, Linear4bit, NF4State, dequantize_nf4, dynamic_8bit_code,
                             nf4_code_from_normal_quantiles, quantize_nf4)
 
@@ -27,6 +28,7 @@ with warnings.catch_warnings():
     import bitsandbytes.functional as bnb_f
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+needs_c_kernel = pytest.mark.skipif(quant._c_kernel() is None, reason="the C kernel cannot be built here (no GCC 9+)")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -167,7 +169,7 @@ def test_every_linear_weight_of_the_course_bert(bert):
 
 @pytest.mark.parametrize("shape", AWKWARD_SHAPES + [(512, 512)])
 @pytest.mark.parametrize("double_quant", [False, True])
-@pytest.mark.parametrize("backend", ["torch", "c"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("c", marks=needs_c_kernel)])
 def test_dequantize_is_the_definition(shape, double_quant, backend):
     for dtype in DTYPES:
         x = random(shape, dtype, seed=3)
@@ -181,7 +183,7 @@ def test_dequantize_is_the_definition(shape, double_quant, backend):
 
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("backend", ["torch", "c"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("c", marks=needs_c_kernel)])
 def test_dequantize_same_as_bitsandbytes(dtype, double_quant, backend):
     x = random((256, 320), dtype, seed=4)
     packed, state = quantize_nf4(x, 64, double_quant)
@@ -191,6 +193,7 @@ def test_dequantize_same_as_bitsandbytes(dtype, double_quant, backend):
 
 # ---------------------------------------------------------------------------------------------- C kernel
 
+@needs_c_kernel
 @pytest.mark.parametrize("blocksize", [32, 64, 128, 1024, 4096])
 def test_c_kernel_same_as_torch_path_for_every_blocksize_and_dtype(blocksize):
     for shape in [(blocksize,), (3, blocksize + 5), (1000, 37)]:
@@ -202,8 +205,9 @@ def test_c_kernel_same_as_torch_path_for_every_blocksize_and_dtype(blocksize):
                                    dequantize_nf4(packed, state, out_dtype, backend="torch"))
 
 
-def test_c_kernel_splits_large_tensors_over_threads():
-    x = random((2048, 1024), torch.bfloat16, seed=6)  # 2 M values: at least two threads' worth
+@needs_c_kernel
+def test_c_kernel_splits_large_tensors_over_threads_unevenly():
+    x = random(3 * 2**20 + 37, torch.bfloat16, seed=6)  # three threads' worth, and a partial last block
     packed, state = quantize_nf4(x)
     threads = torch.get_num_threads()
     try:
@@ -215,12 +219,24 @@ def test_c_kernel_splits_large_tensors_over_threads():
         torch.set_num_threads(threads)
 
 
+@needs_c_kernel
 def test_auto_backend_dequantises_cpu_tensors_with_the_c_kernel_where_it_applies():
     from minipeft.quant import _choose_backend
     flat = torch.zeros(64, dtype=torch.uint8)
     assert _choose_backend(flat, "auto", 64, dequantize=True) == "c"
     assert _choose_backend(flat, "auto", 16, dequantize=True) == "torch"  # blocks smaller than 16 bytes
     assert _choose_backend(flat, "auto", 64, dequantize=False) == "torch"
+    assert _choose_backend(flat.to("meta"), "auto", 64, dequantize=True) == "torch"
+
+
+def test_dequantize_reads_strided_and_meta_tensors_correctly():
+    x = random((64, 100), seed=10)
+    packed, state = quantize_nf4(x)
+    strided = torch.stack([packed, torch.zeros_like(packed)], dim=1)[:, 0]  # every other byte of a buffer
+    assert not strided.is_contiguous()
+    assert torch.equal(dequantize_nf4(strided, state), dequantize_nf4(packed, state))
+    meta = dequantize_nf4(packed.to("meta"), state.to("meta"))  # e.g. a model built on the meta device
+    assert meta.is_meta and meta.shape == x.shape
 
 
 def test_c_backend_errors_name_what_it_does():
@@ -230,11 +246,20 @@ def test_c_backend_errors_name_what_it_does():
     packed, state = quantize_nf4(x, 16)
     with pytest.raises(ValueError, match="blocksize >= 32, got blocksize 16"):
         dequantize_nf4(packed, state, backend="c")
+    with pytest.raises(ValueError, match="got a tensor on meta"):
+        dequantize_nf4(packed.to("meta"), state.to("meta"), backend="c")
     with pytest.raises(ValueError, match="backend must be"):
         dequantize_nf4(packed, state, backend="numba")
 
 
-NO_COMPILER_CHECK = textwrap.dedent("""
+def test_a_state_with_a_blocksize_that_is_not_a_power_of_two_is_refused():
+    packed, state = quantize_nf4(random((48, 100)))
+    bad = NF4State(torch.ones(100), state.shape, state.dtype, blocksize=48)
+    with pytest.raises(ValueError, match="state.blocksize must be a power of two from 2 to 4096, got 48"):
+        dequantize_nf4(packed, bad)
+
+
+C_BUILD_CHECK = textwrap.dedent("""
     import warnings
     import torch
     from minipeft.quant import quantize_nf4, dequantize_nf4
@@ -243,22 +268,59 @@ NO_COMPILER_CHECK = textwrap.dedent("""
         warnings.simplefilter("always")
         out = dequantize_nf4(packed, state)
     assert torch.equal(out, dequantize_nf4(packed, state, backend="torch"))
-    print("warned:", caught[0].message)
+    print("warned:", [str(warning.message) for warning in caught])
     try:
         dequantize_nf4(packed, state, backend="c")
+        print("built")
     except ValueError as error:
         print("error:", error)
 """)
 
 
-def test_without_a_c_compiler_dequantisation_warns_and_uses_the_torch_path(tmp_path):
-    env = {**os.environ, "CC": str(tmp_path / "no-such-compiler"), "MINIPEFT_CACHE": str(tmp_path / "cache")}
-    result = subprocess.run([sys.executable, "-c", NO_COMPILER_CHECK], env=env, capture_output=True, text=True,
+def run_c_build_check(env: dict[str, str]) -> str:
+    result = subprocess.run([sys.executable, "-c", C_BUILD_CHECK], env=env, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "warned: minipeft.quant: could not build the CPU dequantisation kernel" in result.stdout
-    assert "Install GCC" in result.stdout
-    assert "error: backend='c' needs a C compiler" in result.stdout
+    return result.stdout
+
+
+def test_without_a_c_compiler_dequantisation_warns_and_uses_the_torch_path(tmp_path):
+    out = run_c_build_check({**os.environ, "CC": str(tmp_path / "no-such-compiler"),
+                             "MINIPEFT_CACHE": str(tmp_path / "cache")})
+    assert "the CPU dequantisation kernel could not be built (FileNotFoundError" in out
+    assert "It needs GCC 9 or newer (set CC to choose the compiler)" in out
+    assert "error: backend='c': nf4_dequantize.c could not be built (FileNotFoundError" in out
+
+
+@needs_c_kernel
+def test_c_kernel_builds_with_a_compiler_command_and_no_home_directory(tmp_path):
+    env = {key: value for key, value in os.environ.items() if key not in ("HOME", "XDG_CACHE_HOME")}
+    out = run_c_build_check({**env, "CC": f"env {os.environ.get('CC', 'cc')}", "MINIPEFT_CACHE": str(tmp_path)})
+    assert "warned: []" in out and "built" in out
+    assert len(list(tmp_path.glob("nf4_dequantize-*.so"))) == 1
+
+
+FORK_CHECK = textwrap.dedent("""
+    import os, signal, torch
+    from minipeft.quant import quantize_nf4, dequantize_nf4
+    torch.set_num_threads(2)
+    packed, state = quantize_nf4(torch.randn(2**22))
+    dequantize_nf4(packed, state, backend="c")  # the thread pool now exists in this process
+    child = os.fork()
+    if child == 0:
+        signal.alarm(30)
+        dequantize_nf4(packed, state, backend="c")
+        os._exit(0)
+    print("child exit status", os.waitpid(child, 0)[1])
+""")
+
+
+@needs_c_kernel
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_forked_child_can_dequantise_with_threads():
+    result = subprocess.run([sys.executable, "-c", FORK_CHECK], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "child exit status 0" in result.stdout
 
 
 def test_quantisation_error_is_small():
