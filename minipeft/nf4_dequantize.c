@@ -8,7 +8,8 @@
 
    Why C: the work per value is one 16-entry table lookup and one multiply, so speed is the number of values
    a loop handles per instruction. GCC's vector extensions write the lookup as __builtin_shuffle, one
-   instruction (vpermps) on AVX-512 for 16 values at once; PyTorch's gather does one value at a time. */
+   instruction on AVX-512 (vpermps for 16 float32 values, vpermw for 32 16-bit ones); PyTorch's gather
+   does one value at a time. */
 #if defined(__clang__) || !defined(__GNUC__) || __GNUC__ < 9
 #error "nf4_dequantize.c needs GCC 9 or newer (GCC's vector extensions: __builtin_shuffle, __builtin_convertvector)"
 #endif

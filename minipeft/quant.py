@@ -26,30 +26,24 @@ Pieces:
 - `quantize_nf4(x)` / `dequantize_nf4(packed, state)`
 - `Linear4bit`                                       a frozen NF4 weight that dequantises in forward
 
-Three implementations of the same arithmetic, chosen by `backend`: PyTorch operations (any device; CPU
-quantisation), a small C kernel for CPU dequantisation (nf4_dequantize.c, compiled on first use), and Triton
-kernels for CUDA tensors (`TRITON_INTERPRET=1` runs them on CPU tensors). The tests check that all agree.
+Three implementations of the same arithmetic, chosen by `backend`: PyTorch operations here (any device;
+CPU quantisation), a small C kernel for CPU dequantisation (`minipeft.quant_c`), and Triton kernels for CUDA
+tensors (`minipeft.quant_triton`; `TRITON_INTERPRET=1` runs them on CPU tensors). The tests check that all
+agree.
 """
 from __future__ import annotations
 
-import ctypes
 import functools
-import hashlib
 import math
 import os
-import platform
-import shlex
-import subprocess
-import tempfile
-import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from minipeft import quant_c, quant_triton
 
 # ---------------------------------------------------------------------------------------------- code tables
 
@@ -385,6 +379,24 @@ def _torch_dequantize(flat: torch.Tensor, absmax: torch.Tensor, n: int, blocksiz
     return out[:n]
 
 
+def _c_dequantize(flat: torch.Tensor, absmax: torch.Tensor, n: int, blocksize: int,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """Whole blocks by the C kernel (minipeft.quant_c), the last partial block as in the PyTorch path."""
+    out = torch.empty(n, dtype=dtype)
+    quant_c.dequantize_whole_blocks(flat, absmax, NF4_CODE, n // blocksize, blocksize, out)
+    _dequantize_last_partial_block(flat, absmax, n, blocksize, out)
+    return out
+
+
+def _triton_quantize(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return quant_triton.quantize(flat, blocksize, _on_device(NF4_MIDPOINTS, flat.device))
+
+
+def _triton_dequantize(flat: torch.Tensor, absmax: torch.Tensor, n: int, blocksize: int,
+                       dtype: torch.dtype) -> torch.Tensor:
+    return quant_triton.dequantize(flat, absmax, n, blocksize, dtype, _on_device(NF4_CODE, flat.device))
+
+
 def _dequantize_last_partial_block(flat: torch.Tensor, absmax: torch.Tensor, n: int, blocksize: int,
                                    out: torch.Tensor) -> None:
     """Writes out[full_end:n], the values after the last whole block (nothing if n is whole blocks)."""
@@ -394,101 +406,6 @@ def _dequantize_last_partial_block(flat: torch.Tensor, absmax: torch.Tensor, n: 
         tail = flat[full_end // 2:]
         nibbles = torch.stack([tail >> 4, tail & 15], dim=1).view(-1)[:n - full_end].long()
         out[full_end:n] = (_on_device(NF4_CODE, flat.device)[nibbles] * absmax[num_full]).to(out.dtype)
-
-
-# ---------------------------------------------------------------------------------------------- C kernel (CPU)
-# Dequantisation is one table lookup and one multiply per value; PyTorch's gather looks values up one at a
-# time, bitsandbytes' CPU kernel is hand-vectorised C. nf4_dequantize.c looks up 16 at a time (GCC's vector
-# extensions: one vpermps instruction on AVX-512), and asks the OS for huge pages for the output. It
-# is compiled on first use (a C compiler is all it needs), cached per machine, and called through ctypes,
-# which releases the GIL: a thread pool splits the blocks over torch.get_num_threads() cores.
-
-_C_SOURCE = Path(__file__).with_name("nf4_dequantize.c")
-_C_FLAGS = ("-O3", "-march=native", "-std=gnu11", "-shared", "-fPIC")
-_C_DTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_C_MIN_BLOCKSIZE = 32  # the kernel reads 16 bytes (32 values) of one block at a time
-_C_VALUES_PER_THREAD = 2**20  # a thread's share: ~0.1 ms of work, well above the cost of handing it over
-
-
-def _c_cache_dir() -> Path:
-    if "MINIPEFT_CACHE" in os.environ:
-        return Path(os.environ["MINIPEFT_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "minipeft"
-
-
-def _cpu_description() -> str:
-    """What -march=native depends on: a binary built for one CPU may not run on another sharing the cache."""
-    try:
-        return next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return platform.processor()
-
-
-@functools.cache
-def _build_c_kernel() -> tuple[ctypes.CDLL | None, str]:
-    """(the compiled nf4_dequantize.c, "") or (None, why it could not be built), warning once."""
-    compiler = shlex.split(os.environ.get("CC", "cc"))
-    try:
-        fingerprint = [_C_SOURCE.read_bytes(), " ".join(compiler + list(_C_FLAGS)).encode(),
-                       platform.machine().encode(), _cpu_description().encode()]
-        name = f"nf4_dequantize-{hashlib.sha256(b'|'.join(fingerprint)).hexdigest()[:16]}.so"
-        library = _c_cache_dir() / name
-        if not library.exists():
-            library.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=library.parent) as build:  # then renamed: safe for parallel runs
-                subprocess.run([*compiler, *_C_FLAGS, str(_C_SOURCE), "-o", str(Path(build) / name)], check=True,
-                               capture_output=True, text=True, timeout=120)
-                os.replace(Path(build) / name, library)
-        kernel = ctypes.CDLL(str(library))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as error:  # RuntimeError: no home directory
-        stderr = getattr(error, "stderr", None)
-        problem = stderr.strip().splitlines()[-1] if stderr else f"{type(error).__name__}: {error}"
-        warnings.warn(f"minipeft.quant: the CPU dequantisation kernel could not be built ({problem}), so "
-                      "dequantize_nf4 uses the slower PyTorch path. It needs GCC 9 or newer (set CC to choose the "
-                      "compiler) and a writable cache folder (set MINIPEFT_CACHE to choose one).", stacklevel=5)
-        return None, problem
-    kernel.nf4_dequantize.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                      ctypes.c_int64, ctypes.c_int, ctypes.c_void_p]
-    kernel.nf4_dequantize.restype = None
-    kernel.ask_for_huge_pages.argtypes = [ctypes.c_void_p, ctypes.c_int64]
-    kernel.ask_for_huge_pages.restype = None
-    return kernel, ""
-
-
-def _c_kernel() -> ctypes.CDLL | None:
-    return _build_c_kernel()[0]
-
-
-@functools.cache
-def _thread_pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="minipeft-nf4")
-
-
-os.register_at_fork(after_in_child=_thread_pool.cache_clear)  # a forked child has none of the pool's threads
-
-
-def _c_dequantize(flat: torch.Tensor, absmax: torch.Tensor, n: int, blocksize: int,
-                  dtype: torch.dtype) -> torch.Tensor:
-    """Whole blocks by the C kernel, split over threads; the last partial block as in the PyTorch path."""
-    kernel = _c_kernel()
-    out = torch.empty(n, dtype=dtype)
-    code = NF4_CODE  # float32, contiguous: the kernel reads its 16 values
-    num_full = n // blocksize
-    workers = max(1, min(torch.get_num_threads(), num_full * blocksize // _C_VALUES_PER_THREAD))
-    bounds = [num_full * i // workers for i in range(workers + 1)]
-
-    def run(first: int, last: int) -> None:
-        kernel.nf4_dequantize(flat.data_ptr() + first * blocksize // 2, absmax.data_ptr() + 4 * first,
-                              code.data_ptr(), last - first, blocksize, _C_DTYPE[dtype],
-                              out.data_ptr() + first * blocksize * out.element_size())
-
-    kernel.ask_for_huge_pages(out.data_ptr(), out.numel() * out.element_size())
-    others = [_thread_pool().submit(run, first, last) for first, last in zip(bounds[1:-1], bounds[2:])]
-    run(bounds[0], bounds[1])  # this thread takes the first share instead of waiting idle
-    for share in others:
-        share.result()
-    _dequantize_last_partial_block(flat, absmax, n, blocksize, out)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- double quant
@@ -527,18 +444,18 @@ def _dequantize_dynamic_8bit(codes: torch.Tensor, absmax: torch.Tensor, blocksiz
     return _on_device(DYNAMIC_CODE, codes.device)[codes.long()] * scale
 
 
-# ---------------------------------------------------------------------------------------------- CUDA path
+# ---------------------------------------------------------------------------------------------- backends
 
 def _choose_backend(flat: torch.Tensor, backend: Backend, blocksize: int, dequantize: bool) -> str:
     """The implementation to run, "torch", "c" or "triton": `backend`, after checking that it can run here."""
     if backend not in ("auto", "torch", "c", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch', 'c' or 'triton', got {backend!r}.")
     on_cpu = flat.device.type == "cpu"
-    c_fits = dequantize and on_cpu and blocksize >= _C_MIN_BLOCKSIZE
+    c_fits = dequantize and on_cpu and blocksize >= quant_c.MIN_BLOCKSIZE
     if backend == "auto":
-        if flat.is_cuda and _triton_kernels() is not None:
+        if flat.is_cuda and quant_triton.kernels() is not None:
             return "triton"
-        return "c" if c_fits and _c_kernel() is not None else "torch"
+        return "c" if c_fits and quant_c.kernel() is not None else "torch"
     if backend == "c" and not c_fits:
         if not dequantize:
             got = "quantisation"
@@ -546,107 +463,19 @@ def _choose_backend(flat: torch.Tensor, backend: Backend, blocksize: int, dequan
             got = f"a tensor on {flat.device}"
         else:
             got = f"blocksize {blocksize}"
-        raise ValueError(f"backend='c' only dequantises CPU tensors with blocksize >= {_C_MIN_BLOCKSIZE}, got "
+        raise ValueError(f"backend='c' only dequantises CPU tensors with blocksize >= {quant_c.MIN_BLOCKSIZE}, got "
                          f"{got}; use 'auto' or 'torch'.")
-    if backend == "c" and _c_kernel() is None:
-        raise ValueError(f"backend='c': nf4_dequantize.c could not be built ({_build_c_kernel()[1]}); it needs "
+    if backend == "c" and quant_c.kernel() is None:
+        raise ValueError(f"backend='c': nf4_dequantize.c could not be built ({quant_c.build()[1]}); it needs "
                          "GCC 9 or newer (set CC) and a writable cache folder (MINIPEFT_CACHE). Use 'auto' or "
                          "'torch'.")
     if backend == "triton":
-        if _triton_kernels() is None:
+        if quant_triton.kernels() is None:
             raise ValueError("backend='triton' needs the triton package (pip install triton, Linux only).")
         if not flat.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("backend='triton' needs CUDA tensors; to run the kernels on CPU tensors, set "
                              "TRITON_INTERPRET=1 before the first quantisation (Triton's interpreter).")
     return backend
-
-
-@functools.cache
-def _triton_kernels():
-    """The two Triton kernels, compiled on first use; None where triton is not installed."""
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        return None
-
-    @triton.jit
-    def quantize_kernel(x_ptr, midpoints_ptr, packed_ptr, absmax_ptr, n, num_full_blocks,
-                        BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr):
-        # One program quantises ROWS blocks: a (ROWS, BLOCKSIZE) tile.
-        block = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        element = block[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
-        x = tl.load(x_ptr + element, mask=element < n, other=0.0).to(tl.float32)  # padding scales to 0 -> 7
-        absmax = tl.max(tl.abs(x), axis=1)
-        # 1e-38 is below float32's smallest normal number: as a bare literal Triton would make it float64
-        safe_absmax = tl.maximum(absmax, tl.full((ROWS,), 1e-38, tl.float32))
-        whole = (block < num_full_blocks)[:, None]
-        # bitsandbytes' rounding: x * (1 / absmax) in whole blocks, x / absmax in the last partial one
-        # (div_rn: IEEE division; a plain "/" compiles to an approximate division on GPUs)
-        reciprocal = tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), safe_absmax)
-        scaled = tl.where(whole, x * reciprocal[:, None], tl.math.div_rn(x, safe_absmax[:, None]))
-        code = tl.zeros((ROWS, BLOCKSIZE), dtype=tl.int32)
-        for j in tl.static_range(15):  # nearest code = number of midpoints strictly below
-            code += (scaled > tl.load(midpoints_ptr + j)).to(tl.int32)
-        first, second = tl.split(tl.reshape(code, (ROWS, BLOCKSIZE // 2, 2)))
-        byte = block[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]
-        tl.store(packed_ptr + byte, ((first << 4) | second).to(tl.uint8), mask=byte < (n + 1) // 2)
-        tl.store(absmax_ptr + block, tl.where(block < num_full_blocks, absmax, safe_absmax),
-                 mask=block * BLOCKSIZE < n)
-
-    @triton.jit
-    def dequantize_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, n,
-                          BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr, ROW_BYTES: tl.constexpr):
-        # One program expands a (ROWS, ROW_BYTES) tile of packed bytes into 2 * ROWS * ROW_BYTES values. A row
-        # lies inside one block (one scale per row), and its 2 * ROW_BYTES values are stored contiguously.
-        row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        byte = row[:, None] * ROW_BYTES + tl.arange(0, ROW_BYTES)[None, :]
-        packed = tl.load(packed_ptr + byte, mask=byte < (n + 1) // 2, other=0).to(tl.int32)
-        first_value = 2 * ROW_BYTES * row
-        scale = tl.load(absmax_ptr + first_value // BLOCKSIZE, mask=first_value < n, other=0.0)[:, None]
-        first = tl.load(code_ptr + (packed >> 4)) * scale     # x = c_q * absmax, in float32
-        second = tl.load(code_ptr + (packed & 15)) * scale
-        values = tl.reshape(tl.join(first, second), (2 * ROWS * ROW_BYTES,))
-        element = tl.program_id(0) * 2 * ROWS * ROW_BYTES + tl.arange(0, 2 * ROWS * ROW_BYTES)
-        if out_ptr.dtype.element_ty == tl.bfloat16:
-            # Round to nearest even by hand: the GPU would, but Triton's interpreter truncates to bfloat16.
-            bits = values.to(tl.uint32, bitcast=True)
-            bits += 0x7FFF + ((bits >> 16) & 1)
-            values = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        tl.store(out_ptr + element, values.to(out_ptr.dtype.element_ty), mask=element < n)
-
-    return quantize_kernel, dequantize_kernel
-
-
-_QUANTIZE_VALUES = 2048  # values per Triton program
-# Packed bytes per dequantisation program, and per row of its tile: the fastest of the shapes and warp counts
-# we tried on an H100 (4096 x 14336 to bfloat16; flat tiles, and rows of 4 or 16 bytes, were slower).
-_DEQUANTIZE_BYTES = 2048
-_DEQUANTIZE_ROW_BYTES = 8
-
-
-def _triton_quantize(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    quantize_kernel, _ = _triton_kernels()
-    n = flat.numel()
-    num_blocks = -(-n // blocksize)
-    rows = max(1, _QUANTIZE_VALUES // blocksize)
-    packed = torch.empty((n + 1) // 2, 1, dtype=torch.uint8, device=flat.device)
-    absmax = torch.empty(num_blocks, dtype=torch.float32, device=flat.device)
-    quantize_kernel[(-(-num_blocks // rows),)](flat, _on_device(NF4_MIDPOINTS, flat.device), packed, absmax, n,
-                                                n // blocksize, BLOCKSIZE=blocksize, ROWS=rows)
-    return packed, absmax
-
-
-def _triton_dequantize(flat: torch.Tensor, absmax: torch.Tensor, n: int, blocksize: int,
-                       dtype: torch.dtype) -> torch.Tensor:
-    _, dequantize_kernel = _triton_kernels()
-    out = torch.empty(n, dtype=dtype, device=flat.device)
-    code = _on_device(NF4_CODE, flat.device)
-    row_bytes = min(_DEQUANTIZE_ROW_BYTES, blocksize // 2)  # a row must not straddle two blocks
-    rows = _DEQUANTIZE_BYTES // row_bytes
-    dequantize_kernel[(-(-flat.numel() // _DEQUANTIZE_BYTES),)](flat, absmax, code, out, n, BLOCKSIZE=blocksize,
-                                                                 ROWS=rows, ROW_BYTES=row_bytes, num_warps=4)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- Linear4bit

@@ -6,10 +6,6 @@ dequantisation is NF4_CODE[q] * absmax in float32, rounded to the output dtype.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
 import warnings
 
 import pytest
@@ -18,9 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from minipeft import quant
 from minipeft.quant import (NF4_CODE, NF4_MIDPOINTS, Linear4bit, NF4State, dequantize_nf4, dynamic_8bit_code,
                             nf4_code_from_normal_quantiles, quantize_nf4)
+from nf4_inputs import DTYPES, bnb_quantize, needs_c_kernel, random
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -28,15 +24,9 @@ with warnings.catch_warnings():
     import bitsandbytes.functional as bnb_f
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-needs_c_kernel = pytest.mark.skipif(quant._c_kernel() is None, reason="the C kernel cannot be built here (no GCC 9+)")
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-def bnb_quantize(x: torch.Tensor, blocksize: int = 64, double_quant: bool = False):
-    return bnb_f.quantize_4bit(x, blocksize=blocksize, compress_statistics=double_quant, quant_type="nf4")
-
 
 def assert_same_as_bnb(x: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> None:
     packed, state = quantize_nf4(x, blocksize, double_quant)
@@ -60,10 +50,6 @@ def unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
 def dequantize_by_definition(packed: torch.Tensor, state: NF4State, dtype: torch.dtype) -> torch.Tensor:
     scale = state.block_absmax().repeat_interleave(state.blocksize)[:state.numel]
     return (NF4_CODE[unpack(packed, state.numel)] * scale).to(dtype).view(state.shape)
-
-
-def random(shape, dtype=torch.float32, seed=0, scale=1.0) -> torch.Tensor:
-    return (scale * torch.randn(shape, generator=torch.Generator().manual_seed(seed))).to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------- code tables
@@ -191,42 +177,14 @@ def test_dequantize_same_as_bitsandbytes(dtype, double_quant, backend):
     assert torch.equal(dequantize_nf4(packed, state, backend=backend), bnb_f.dequantize_4bit(ref_packed, ref_state))
 
 
-# ---------------------------------------------------------------------------------------------- C kernel
-
-@needs_c_kernel
-@pytest.mark.parametrize("blocksize", [32, 64, 128, 1024, 4096])
-def test_c_kernel_same_as_torch_path_for_every_blocksize_and_dtype(blocksize):
-    for shape in [(blocksize,), (3, blocksize + 5), (1000, 37)]:
-        for dtype in DTYPES:
-            x = random(shape, dtype, seed=blocksize)
-            packed, state = quantize_nf4(x, blocksize)
-            for out_dtype in DTYPES:
-                assert torch.equal(dequantize_nf4(packed, state, out_dtype, backend="c"),
-                                   dequantize_nf4(packed, state, out_dtype, backend="torch"))
-
-
-@needs_c_kernel
-def test_c_kernel_splits_large_tensors_over_threads_unevenly():
-    x = random(3 * 2**20 + 37, torch.bfloat16, seed=6)  # three threads' worth, and a partial last block
+def test_quantisation_error_is_small():
+    x = random((512, 512), seed=5)
     packed, state = quantize_nf4(x)
-    threads = torch.get_num_threads()
-    try:
-        for count in (1, 2, 3):
-            torch.set_num_threads(count)
-            ours = dequantize_nf4(packed, state, backend="c")
-            assert torch.equal(ours, dequantize_nf4(packed, state, backend="torch"))
-    finally:
-        torch.set_num_threads(threads)
-
-
-@needs_c_kernel
-def test_auto_backend_dequantises_cpu_tensors_with_the_c_kernel_where_it_applies():
-    from minipeft.quant import _choose_backend
-    flat = torch.zeros(64, dtype=torch.uint8)
-    assert _choose_backend(flat, "auto", 64, dequantize=True) == "c"
-    assert _choose_backend(flat, "auto", 16, dequantize=True) == "torch"  # blocks smaller than 16 bytes
-    assert _choose_backend(flat, "auto", 64, dequantize=False) == "torch"
-    assert _choose_backend(flat.to("meta"), "auto", 64, dequantize=True) == "torch"
+    error = (dequantize_nf4(packed, state) - x).abs()
+    # half the largest gap between neighbouring codes (-1 and -0.696), times absmax, bounds the error
+    bound = 0.5 * NF4_CODE.diff().max() * state.absmax.repeat_interleave(64).view(512, 512)
+    assert (error <= bound * (1 + 1e-6)).all()
+    assert error.mean() < 0.1
 
 
 def test_dequantize_reads_strided_and_meta_tensors_correctly():
@@ -239,98 +197,11 @@ def test_dequantize_reads_strided_and_meta_tensors_correctly():
     assert meta.is_meta and meta.shape == x.shape
 
 
-def test_c_backend_errors_name_what_it_does():
-    x = random((4, 64))
-    with pytest.raises(ValueError, match="only dequantises.*got quantisation"):
-        quantize_nf4(x, backend="c")
-    packed, state = quantize_nf4(x, 16)
-    with pytest.raises(ValueError, match="blocksize >= 32, got blocksize 16"):
-        dequantize_nf4(packed, state, backend="c")
-    with pytest.raises(ValueError, match="got a tensor on meta"):
-        dequantize_nf4(packed.to("meta"), state.to("meta"), backend="c")
-    with pytest.raises(ValueError, match="backend must be"):
-        dequantize_nf4(packed, state, backend="numba")
-
-
 def test_a_state_with_a_blocksize_that_is_not_a_power_of_two_is_refused():
     packed, state = quantize_nf4(random((48, 100)))
     bad = NF4State(torch.ones(100), state.shape, state.dtype, blocksize=48)
     with pytest.raises(ValueError, match="state.blocksize must be a power of two from 2 to 4096, got 48"):
         dequantize_nf4(packed, bad)
-
-
-C_BUILD_CHECK = textwrap.dedent("""
-    import warnings
-    import torch
-    from minipeft.quant import quantize_nf4, dequantize_nf4
-    packed, state = quantize_nf4(torch.randn(3, 100))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        out = dequantize_nf4(packed, state)
-    assert torch.equal(out, dequantize_nf4(packed, state, backend="torch"))
-    print("warned:", [str(warning.message) for warning in caught])
-    try:
-        dequantize_nf4(packed, state, backend="c")
-        print("built")
-    except ValueError as error:
-        print("error:", error)
-""")
-
-
-def run_c_build_check(env: dict[str, str]) -> str:
-    result = subprocess.run([sys.executable, "-c", C_BUILD_CHECK], env=env, capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
-
-
-def test_without_a_c_compiler_dequantisation_warns_and_uses_the_torch_path(tmp_path):
-    out = run_c_build_check({**os.environ, "CC": str(tmp_path / "no-such-compiler"),
-                             "MINIPEFT_CACHE": str(tmp_path / "cache")})
-    assert "the CPU dequantisation kernel could not be built (FileNotFoundError" in out
-    assert "It needs GCC 9 or newer (set CC to choose the compiler)" in out
-    assert "error: backend='c': nf4_dequantize.c could not be built (FileNotFoundError" in out
-
-
-@needs_c_kernel
-def test_c_kernel_builds_with_a_compiler_command_and_no_home_directory(tmp_path):
-    env = {key: value for key, value in os.environ.items() if key not in ("HOME", "XDG_CACHE_HOME")}
-    out = run_c_build_check({**env, "CC": f"env {os.environ.get('CC', 'cc')}", "MINIPEFT_CACHE": str(tmp_path)})
-    assert "warned: []" in out and "built" in out
-    assert len(list(tmp_path.glob("nf4_dequantize-*.so"))) == 1
-
-
-FORK_CHECK = textwrap.dedent("""
-    import os, signal, torch
-    from minipeft.quant import quantize_nf4, dequantize_nf4
-    torch.set_num_threads(2)
-    packed, state = quantize_nf4(torch.randn(2**22))
-    dequantize_nf4(packed, state, backend="c")  # the thread pool now exists in this process
-    child = os.fork()
-    if child == 0:
-        signal.alarm(30)
-        dequantize_nf4(packed, state, backend="c")
-        os._exit(0)
-    print("child exit status", os.waitpid(child, 0)[1])
-""")
-
-
-@needs_c_kernel
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
-def test_a_forked_child_can_dequantise_with_threads():
-    result = subprocess.run([sys.executable, "-c", FORK_CHECK], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "child exit status 0" in result.stdout
-
-
-def test_quantisation_error_is_small():
-    x = random((512, 512), seed=5)
-    packed, state = quantize_nf4(x)
-    error = (dequantize_nf4(packed, state) - x).abs()
-    # half the largest gap between neighbouring codes (-1 and -0.696), times absmax, bounds the error
-    bound = 0.5 * NF4_CODE.diff().max() * state.absmax.repeat_interleave(64).view(512, 512)
-    assert (error <= bound * (1 + 1e-6)).all()
-    assert error.mean() < 0.1
 
 
 @pytest.mark.parametrize("shape", [(2, 96), (128, 96)])
@@ -436,75 +307,7 @@ def test_linear4bit_memory_is_about_half_a_byte_per_weight():
     assert stored / 1024**2 < 0.5 + 0.127 / 8 + 0.001
 
 
-# ---------------------------------------------------------------------------------------------- Triton path
-
-TRITON_CHECK = textwrap.dedent("""
-    import torch
-    from minipeft.quant import quantize_nf4, dequantize_nf4
-    g = torch.Generator().manual_seed(0)
-    checked = 0
-    for shape in [(7,), (3, 33), (2, 96), (5, 64), (1000,)]:
-        for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            for blocksize in (2, 8, 32, 64, 256):
-                x = (2 * torch.randn(shape, generator=g)).to(dtype)
-                packed, state = quantize_nf4(x, blocksize, backend="triton")
-                ref_packed, ref_state = quantize_nf4(x, blocksize, backend="torch")
-                assert torch.equal(packed, ref_packed), (shape, dtype, blocksize)
-                assert torch.equal(state.absmax, ref_state.absmax), (shape, dtype, blocksize)
-                for out_dtype in (torch.float32, torch.float16, torch.bfloat16):
-                    out = dequantize_nf4(packed, state, out_dtype, backend="triton")
-                    ref = dequantize_nf4(packed, state, out_dtype, backend="torch")
-                    assert torch.equal(out, ref), (shape, dtype, blocksize, out_dtype)
-                checked += 1
-    print("checked", checked)
-""")
-
-
-def test_triton_kernels_in_the_interpreter_match_the_cpu_path_byte_for_byte():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}  # must be set before triton is imported: a fresh process
-    result = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "checked 75" in result.stdout
-
-
-def test_triton_backend_on_cpu_tensors_without_the_interpreter_is_a_clear_error():
-    pytest.importorskip("triton")
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("the interpreter is on in this process")
-    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
-        quantize_nf4(torch.randn(64), backend="triton")
-
-
 # ---------------------------------------------------------------------------------------------- GPU
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_cuda_kernels_match_the_cpu_path(dtype):
-    for shape, blocksize in [((4096, 4096), 64), ((1000, 37), 64), ((3, 5, 129), 128), ((14336, 512), 256)]:
-        for double_quant in (False, True):
-            x = random(shape, dtype, seed=7)
-            x.view(-1)[:3 * blocksize] = 0  # all-zero blocks
-            x.view(-1)[-5:] = 0  # and zeros in the last, partial block
-            packed, state = quantize_nf4(x.cuda(), blocksize, double_quant)
-            ref_packed, ref_state = quantize_nf4(x, blocksize, double_quant)
-            assert torch.equal(packed.cpu(), ref_packed)
-            assert torch.equal(state.absmax.cpu(), ref_state.absmax)
-            if double_quant:
-                assert torch.equal(state.nested_absmax.cpu(), ref_state.nested_absmax)
-            for out_dtype in DTYPES:
-                assert torch.equal(dequantize_nf4(packed, state, out_dtype).cpu(),
-                                   dequantize_nf4(ref_packed, ref_state, out_dtype))
-
-
-@pytest.mark.gpu
-def test_cuda_dequantize_same_as_bitsandbytes_cuda():
-    x = random((4096, 4096), torch.bfloat16, seed=8).cuda()
-    ref_packed, ref_state = bnb_quantize(x)
-    ours = dequantize_nf4(ref_packed, NF4State(ref_state.absmax, x.shape, x.dtype, 64))
-    assert torch.equal(ours, bnb_f.dequantize_4bit(ref_packed, ref_state))
-
 
 @pytest.mark.gpu
 def test_linear4bit_on_cuda():
