@@ -8,7 +8,9 @@ One module per method, each short enough to read in one sitting:
 - `minipeft.memory`     parameter counts and memory accounting
 - `minipeft.lora`       LoRA (Hu et al., 2021)
 - `minipeft.adapter_io` saving and loading adapters (safetensors), and peft's adapter format
-- `minipeft.quant`      NF4 quantisation (Dettmers et al., 2023)
+- `minipeft.quant`      NF4 quantisation (Dettmers et al., 2023): the format, in PyTorch operations
+- `minipeft.quant_c`    its CPU dequantisation kernel in C (nf4_dequantize.c, built on first use)
+- `minipeft.quant_triton` its CUDA kernels in Triton
 - `minipeft.checks`     what each exercise checks: cases, reference, usual mistakes and their hints
 - `minipeft.grading`    `check()` for instant feedback, and `python -m minipeft.grading NB`
 - `minipeft.exercises`  generates exercises/ from solutions/
