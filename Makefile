@@ -1,7 +1,7 @@
 # minipeft: the two commands.
 #   make lab    set up (once) and start JupyterLab on the lessons
 #   make test   set up (once) and run every test: unit tests + every lesson and solution notebook (nbval)
-# Other targets: make setup, make grade NB=..., make exercises, make bench, make clean
+# Other targets: make setup, make lessons, make grade NB=..., make exercises, make bench, make clean
 
 PYTHON  ?= python3
 VENV    ?= .venv
@@ -12,10 +12,13 @@ TORCH_INDEX ?=
 LAB_ARGS ?=
 
 # Tests and CI always run the offline profile, with no hub access at all.
+# Training prints one summary line instead of a live bar: outputs that are kept stay readable.
 OFFLINE := MINIPEFT_PROFILE=offline HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
-           TOKENIZERS_PARALLELISM=false
+           TOKENIZERS_PARALLELISM=false MINIPEFT_PROGRESS=summary
+# JupyterLab's own settings for this environment: no "get notified about Jupyter news?" pop-up.
+LAB_SETTINGS := $(VENV)/share/jupyter/lab/settings/overrides.json
 
-.PHONY: setup lab test grade exercises bench clean
+.PHONY: setup lab test lessons grade exercises bench clean
 
 setup: $(STAMP)
 
@@ -27,6 +30,8 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
 	$(PY) -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
 	$(PY) -m ipykernel install --sys-prefix --name minipeft --display-name "Python (minipeft)" >/dev/null
+	@mkdir -p $(dir $(LAB_SETTINGS))
+	@printf '%s\n' '{"@jupyterlab/apputils-extension:notification": {"fetchNews": "false", "checkForUpdates": false}}' > $(LAB_SETTINGS)
 	@touch $(STAMP)
 	@echo "minipeft environment ready in $(VENV)"
 
@@ -43,14 +48,25 @@ test: setup
 	echo "make test: finished in $$(( $$(date +%s) - start )) s (pytest exit code $$rc)"; \
 	if [ $$rc -eq 5 ]; then echo "make test: no tests collected"; exit 0; fi; exit $$rc
 
+# Re-execute the lessons and solutions in place (offline profile), as they are committed.
+# One at a time: lessons time things, and a second notebook running beside them would skew it.
+NOTEBOOKS ?= $(wildcard lessons/*.ipynb solutions/*.ipynb)
+lessons: setup
+	@for nb in $(NOTEBOOKS); do \
+	    echo "executing $$nb"; \
+	    $(OFFLINE) $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace \
+	        --ExecutePreprocessor.timeout=600 --ExecutePreprocessor.kernel_name=python3 "$$nb" || exit 1; \
+	done
+	$(PY) -m minipeft.course.exercises
+
 # Grade a submitted exercise notebook: make grade NB=path/to/submitted.ipynb [GRADE_ARGS="--json g.json --csv g.csv"]
 grade: setup
 	@test -n "$(NB)" || { echo "usage: make grade NB=path/to/notebook.ipynb [GRADE_ARGS='--json g.json --csv g.csv']"; exit 2; }
-	$(OFFLINE) $(PY) -m minipeft.grading $(NB) $(GRADE_ARGS)
+	$(OFFLINE) $(PY) -m minipeft.course.grader $(NB) $(GRADE_ARGS)
 
 # Regenerate exercises/ from solutions/ (tests/test_exercises.py fails when they drift apart).
 exercises: setup
-	$(PY) -m minipeft.exercises
+	$(PY) -m minipeft.course.exercises
 
 # minipeft against the reference libraries, side by side (minutes; not part of make test).
 bench: setup

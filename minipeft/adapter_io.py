@@ -3,17 +3,22 @@
 An adapter is tiny next to its base model (LoRA r=8 on MiniLM: ~70 K numbers against 22 M), so it is
 saved on its own and loaded into a fresh copy of the base model. A minipeft adapter is a folder:
 
-    adapter.safetensors   the adapter's tensors, keyed `<module path>.<key>` (see lora.adapter_state_dict)
-    adapter.json          {"format": "minipeft-adapter", "method": "lora", "config": {...}, "base_model_class": ...}
+    adapter.safetensors   the adapter's tensors, keyed `<module path>.<key>`
+                          (see lora.adapter_state_dict)
+    adapter.json          {"format": "minipeft-adapter", "method": "lora", "config": {...},
+                           "base_model_class": ...}
 
-`save_adapter` / `load_adapter` work for every method listed in `METHODS`: each needs a config dataclass,
-layers with an `adapter_state_dict(name)` method, and an `add_<method>(model, config, name, weights=...)` that
-checks the weights against the model before touching it.
+`save_adapter` / `load_adapter` work for every method listed in `METHODS`: each needs a config
+dataclass, layers with an `adapter_state_dict(name)` method, and an
+`add_<method>(model, config, name, weights=...)` that checks the weights against the model before
+touching it.
 
-`export_peft` / `import_peft` translate LoRA adapters to and from peft's folder (`adapter_config.json` +
-`adapter_model.safetensors`), whose keys are ours behind a `base_model.model.` prefix.
+`export_peft` / `import_peft` translate LoRA adapters to and from peft's folder
+(`adapter_config.json` + `adapter_model.safetensors`), whose keys are ours behind a
+`base_model.model.` prefix.
 
-Only safetensors is read: a pickle (torch.load) can run arbitrary code, so `.bin` adapters are refused.
+Only safetensors is read: a pickle (torch.load) can run arbitrary code, so `.bin` adapters are
+refused.
 """
 from __future__ import annotations
 
@@ -27,29 +32,36 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from minipeft.lora import CONFIGS_ATTR, LoraConfig, _matches, adapter_state_dict, add_lora
+from minipeft.inject import CONFIGS_ATTR, adapter_state_dict, matches
+from minipeft.lora import LoraConfig, add_lora
 
 FORMAT = "minipeft-adapter"
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "adapter.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_CONFIG_NAME = "adapter_config.json"
-PEFT_PREFIX = "base_model.model."  # peft's keys are the model's, seen from PeftModel -> LoraModel -> model
+# peft's keys are the model's, seen from PeftModel -> LoraModel -> model
+PEFT_PREFIX = "base_model.model."
 
-# method name (as written in adapter.json) -> (config class, function that adds such an adapter to a model)
+# method name (as written in adapter.json) -> (config class, function that adds such an adapter
+# to a model)
 METHODS: dict[str, tuple[type, Callable[..., nn.Module]]] = {
     "lora": (LoraConfig, add_lora),
 }
 
-# peft LoRA options minipeft does not implement: an adapter using any of them is refused, not half-loaded.
-PEFT_UNSUPPORTED = ("use_dora", "lora_bias", "fan_in_fan_out", "rank_pattern", "alpha_pattern", "layers_to_transform",
-                    "layers_pattern", "exclude_modules", "target_parameters", "trainable_token_indices",
-                    "layer_replication", "use_qalora", "use_bdlora", "alora_invocation_tokens", "arrow_config",
-                    "velora_config", "monteclora_config", "kasa_config")
+# peft LoRA options minipeft does not implement: an adapter using any of them is refused, not
+# half-loaded.
+PEFT_UNSUPPORTED = ("use_dora", "lora_bias", "fan_in_fan_out", "rank_pattern", "alpha_pattern",
+                    "layers_to_transform", "layers_pattern", "exclude_modules", "target_parameters",
+                    "trainable_token_indices", "layer_replication", "use_qalora", "use_bdlora",
+                    "alora_invocation_tokens", "arrow_config", "velora_config", "monteclora_config",
+                    "kasa_config")
 
 
 def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default") -> Path:
-    """Write adapter `adapter_name` of `model` to the folder `path` (created if needed); returns `path`."""
+    """Write adapter `adapter_name` of `model` to the folder `path` (created if needed); returns
+    `path`.
+    """
     config = _config(model, adapter_name)
     method = next(name for name, (cls, _) in METHODS.items() if isinstance(config, cls))
     path = Path(path)
@@ -61,23 +73,26 @@ def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
 
 
 def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default") -> nn.Module:
-    """Add the adapter saved in folder `path` to `model` (in place, as `adapter_name`, made active); returns `model`.
+    """Add the adapter saved in folder `path` to `model` (in place, as `adapter_name`, made active);
+    returns `model`.
 
     `model` must be the base model it was trained on; nothing is changed if anything does not match.
     """
     path = Path(path)
     if (path / PEFT_CONFIG_NAME).is_file() and not (path / CONFIG_NAME).exists():
-        raise ValueError(f"{path} holds a peft adapter, not a minipeft one: use import_peft(model, {str(path)!r}).")
+        raise ValueError(f"{path} holds a peft adapter, not a minipeft one: "
+                         f"use import_peft(model, {str(path)!r}).")
     meta = _read_json(path / CONFIG_NAME)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{path / CONFIG_NAME} is not a minipeft adapter config (no \"format\": \"{FORMAT}\"). "
-                         "Pass the folder that save_adapter wrote.")
+        raise ValueError(f"{path / CONFIG_NAME} is not a minipeft adapter config (no \"format\": "
+                         f"\"{FORMAT}\"). Pass the folder that save_adapter wrote.")
     if meta.get("method") not in METHODS:
         raise ValueError(f"{path / CONFIG_NAME}: unknown adapter method {meta.get('method')!r}; "
                          f"this minipeft knows {sorted(METHODS)}.")
     if meta.get("base_model_class") != type(model).__name__:
-        raise ValueError(f"The adapter in {path} was trained on a {meta.get('base_model_class')}, but the model "
-                         f"given is a {type(model).__name__}. Load it into the base model it was trained on.")
+        raise ValueError(f"The adapter in {path} was trained on a {meta.get('base_model_class')}, "
+                         f"but the model given is a {type(model).__name__}. Load it into the base "
+                         "model it was trained on.")
     config_cls, add = METHODS[meta["method"]]
     config = _build_config(config_cls, meta.get("config"), path / CONFIG_NAME)
     return add(model, config, adapter_name, weights=_read_safetensors(path / WEIGHTS_NAME))
@@ -85,21 +100,27 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
 
 def export_peft(model: nn.Module, out_dir: str | Path, adapter_name: str = "default",
                 base_model_name_or_path: str | None = None) -> Path:
-    """Write LoRA adapter `adapter_name` as a peft adapter folder that `PeftModel.from_pretrained(base, out_dir)` loads.
+    """Write LoRA adapter `adapter_name` as a peft adapter folder that
+    `PeftModel.from_pretrained(base, out_dir)` loads.
 
-    `base_model_name_or_path` defaults to the model's own `name_or_path` (a hub id or local folder), as peft does.
+    `base_model_name_or_path` defaults to the model's own `name_or_path` (a hub id or local folder),
+    as peft does.
     """
     config = _config(model, adapter_name)
     if not isinstance(config, LoraConfig):
-        raise ValueError(f"export_peft writes LoRA adapters only; {adapter_name!r} is a {type(config).__name__}.")
+        raise ValueError(f"export_peft writes LoRA adapters only; {adapter_name!r} is a "
+                         f"{type(config).__name__}.")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    weights = {PEFT_PREFIX + key: t for key, t in _detached(adapter_state_dict(model, adapter_name)).items()}
+    weights = {PEFT_PREFIX + key: t
+               for key, t in _detached(adapter_state_dict(model, adapter_name)).items()}
     save_file(weights, out_dir / PEFT_WEIGHTS_NAME, metadata={"format": "pt"})
     _write_json(out_dir / PEFT_CONFIG_NAME, {
         "peft_type": "LORA",
-        "task_type": None,  # a plain PeftModel: classifier heads travel through modules_to_save, not task_type
-        "base_model_name_or_path": base_model_name_or_path or getattr(model, "name_or_path", None) or None,
+        # a plain PeftModel: classifier heads travel through modules_to_save, not task_type
+        "task_type": None,
+        "base_model_name_or_path": (base_model_name_or_path or getattr(model, "name_or_path", None)
+                                    or None),
         "r": config.r,
         "lora_alpha": config.alpha,
         "lora_dropout": config.dropout,
@@ -114,25 +135,29 @@ def export_peft(model: nn.Module, out_dir: str | Path, adapter_name: str = "defa
 
 
 def import_peft(model: nn.Module, in_dir: str | Path, adapter_name: str = "default") -> nn.Module:
-    """Add the peft LoRA adapter saved in folder `in_dir` to `model` (in place, made active); returns `model`."""
+    """Add the peft LoRA adapter saved in folder `in_dir` to `model` (in place, made active);
+    returns `model`.
+    """
     in_dir = Path(in_dir)
     if not (in_dir / PEFT_WEIGHTS_NAME).exists() and (in_dir / "adapter_model.bin").exists():
-        raise ValueError(f"{in_dir} has only adapter_model.bin, a pickle, which minipeft never loads (unpickling "
-                         "can run code). Re-save it with peft's save_pretrained(dir, safe_serialization=True).")
+        raise ValueError(f"{in_dir} has only adapter_model.bin, a pickle, which minipeft never "
+                         "loads (unpickling can run code). Re-save it with peft's "
+                         "save_pretrained(dir, safe_serialization=True).")
     peft_config = _read_json(in_dir / PEFT_CONFIG_NAME)
     if not isinstance(peft_config, dict) or peft_config.get("peft_type") != "LORA":
         found = peft_config.get("peft_type") if isinstance(peft_config, dict) else None
-        raise ValueError(f"{in_dir / PEFT_CONFIG_NAME} is not a peft LoRA config (peft_type={found!r}); "
-                         "import_peft reads LoRA adapters only.")
-    unsupported = {k: peft_config[k] for k in PEFT_UNSUPPORTED if peft_config.get(k) not in (None, False, {}, [])}
+        raise ValueError(f"{in_dir / PEFT_CONFIG_NAME} is not a peft LoRA config "
+                         f"(peft_type={found!r}); import_peft reads LoRA adapters only.")
+    unsupported = {k: peft_config[k] for k in PEFT_UNSUPPORTED
+                   if peft_config.get(k) not in (None, False, {}, [])}
     if peft_config.get("bias", "none") != "none":
         unsupported["bias"] = peft_config["bias"]
     if peft_config.get("init_lora_weights", True) not in (True, False, "gaussian"):
         # PiSSA, OLoRA, LoftQ, ... rewrite the base weights too, so the adapter alone is not enough.
         unsupported["init_lora_weights"] = peft_config["init_lora_weights"]
     if unsupported:
-        raise ValueError(f"{in_dir} uses peft LoRA options minipeft does not implement: {unsupported}. "
-                         "Only plain LoRA / rsLoRA adapters can be imported.")
+        raise ValueError(f"{in_dir} uses peft LoRA options minipeft does not implement: "
+                         f"{unsupported}. Only plain LoRA / rsLoRA adapters can be imported.")
     config = _build_config(LoraConfig, {
         "r": peft_config.get("r", 8),
         "alpha": peft_config.get("lora_alpha", 8),
@@ -144,22 +169,25 @@ def import_peft(model: nn.Module, in_dir: str | Path, adapter_name: str = "defau
     weights = _read_safetensors(in_dir / PEFT_WEIGHTS_NAME)
     outside = sorted(k for k in weights if not k.startswith(PEFT_PREFIX))
     if outside:
-        raise ValueError(f"{in_dir / PEFT_WEIGHTS_NAME} has keys without peft's {PEFT_PREFIX!r} prefix, e.g. "
-                         f"{outside[0]!r}; it was not written by peft's save_pretrained.")
-    return add_lora(model, config, adapter_name, weights={k.removeprefix(PEFT_PREFIX): t for k, t in weights.items()})
+        raise ValueError(f"{in_dir / PEFT_WEIGHTS_NAME} has keys without peft's {PEFT_PREFIX!r} "
+                         f"prefix, e.g. {outside[0]!r}; it was not written by peft's "
+                         "save_pretrained.")
+    return add_lora(model, config, adapter_name,
+                    weights={k.removeprefix(PEFT_PREFIX): t for k, t in weights.items()})
 
 
 def _existing_modules_to_save(model: nn.Module, peft_config: dict[str, Any]) -> list[str]:
-    """peft's modules_to_save, less the heads peft adds by itself for a task_type that this model lacks.
+    """peft's modules_to_save, less the heads peft adds by itself for a task_type that this model
+    lacks.
 
-    With task_type "SEQ_CLS" peft saves modules_to_save=["classifier", "score"] for any model, though each
-    model has only one of the two heads.
+    With task_type "SEQ_CLS" peft saves modules_to_save=["classifier", "score"] for any model,
+    though each model has only one of the two heads.
     """
     names = peft_config.get("modules_to_save") or []
     if not peft_config.get("task_type"):
         return names
     module_names = [name for name, _ in model.named_modules()]
-    return [n for n in names if any(_matches(m, [n]) for m in module_names)]
+    return [n for n in names if any(matches(m, [n]) for m in module_names)]
 
 
 def _config(model: nn.Module, adapter_name: str) -> Any:
@@ -178,7 +206,8 @@ def _build_config(config_cls: type, fields: Any, source: Path) -> Any:
 
 
 def _detached(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # safetensors wants plain contiguous tensors, not parameters that share storage with the live model.
+    # safetensors wants plain contiguous tensors, not parameters that share storage with the live
+    # model.
     return {k: t.detach().contiguous() for k, t in state.items()}
 
 
@@ -197,8 +226,10 @@ def _read_json(path: Path) -> Any:
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: the adapter folder is missing its weights.")
+        raise FileNotFoundError(f"{path} does not exist: the adapter folder is missing its "
+                                "weights.")
     try:
         return load_file(path)
     except SafetensorError as e:
-        raise ValueError(f"{path} is not a safetensors file ({e}); adapters are read from safetensors only.") from e
+        raise ValueError(f"{path} is not a safetensors file ({e}); adapters are read from "
+                         "safetensors only.") from e

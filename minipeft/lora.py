@@ -3,30 +3,27 @@
 A pretrained weight W0 (out x in) stays frozen; the update is learned as a product of two thin
 matrices B (out x r) and A (r x in) with r << min(in, out):
 
-    h = W0 x + (alpha / r) B A x                       (paper, eq. 3 with the alpha / r scaling of §4.1)
+    h = W0 x + (alpha / r) B A x        (paper, eq. 3 with the alpha / r scaling of §4.1)
 
 rsLoRA (Kalajdzievski, 2023) scales by alpha / sqrt(r) instead, so that larger ranks keep learning.
 A starts random and B starts at zero, so B A = 0 and a fresh adapter leaves the model unchanged.
-After training, W = W0 + (alpha / r) B A can be merged into the base weight: no extra cost at inference.
+After training, W = W0 + (alpha / r) B A can be merged into the base weight: no extra cost at
+inference.
 
 The pieces:
 
 - `LoraConfig`     what to adapt and how (validated when built)
 - `LoraLinear`     an nn.Linear plus any number of named (A, B) pairs, one of them active
-- `ModulesToSave`  a frozen module plus a trainable copy per adapter (e.g. a new classifier head)
 - `add_lora`       wrap the targeted Linear layers of any model in place, freeze everything else
 - `merge_lora` / `unmerge_lora`, `set_active_adapter`, `disable_lora`
 
-Module names and state-dict keys follow peft's (`<path>.base_layer`, `<path>.lora_A.<adapter>.weight`,
-`<path>.modules_to_save.<adapter>.weight`), so the two can be compared side by side, and
-`adapter_state_dict` gives the keys of peft's saved files (without peft's `base_model.model.` prefix).
-The configs of a model's adapters live in `model.minipeft_configs` (adapter name -> config); every
-minipeft method uses that dict and the `adapter_state_dict(name)` method on its layers, which is all
-`minipeft.adapter_io` needs to save and load any of them.
+Module names and state-dict keys follow peft's (`<path>.base_layer`,
+`<path>.lora_A.<adapter>.weight`, `<path>.modules_to_save.<adapter>.weight`), so the two can be
+compared side by side. The model surgery every method shares (matching names, replacing modules,
+`modules_to_save`, collecting an adapter's weights) is in `minipeft.inject`.
 """
 from __future__ import annotations
 
-import copy
 import math
 import re
 from contextlib import contextmanager
@@ -36,8 +33,8 @@ from typing import Iterator, Mapping
 import torch
 from torch import nn
 
-CONFIGS_ATTR = "minipeft_configs"  # model attribute: adapter name -> config, shared by all minipeft methods
-
+from minipeft.inject import (CONFIGS_ATTR, ModulesToSave, adapter_state_dict, check_adapter_name,
+                             check_weights, last_names, matches, replace_module)
 
 @dataclass
 class LoraConfig:
@@ -46,8 +43,9 @@ class LoraConfig:
     target_modules: a str is a regex that must match a module's full name (`re.fullmatch`); a list
         matches modules whose full name equals an entry or ends with "." + entry ("query" matches
         "bert.encoder.layer.0.attention.self.query"). Matched modules must be nn.Linear.
-    modules_to_save: modules trained in full next to LoRA (e.g. ["classifier"], a freshly initialised
-        head), matched like a target_modules list. Each adapter gets its own trainable copy.
+    modules_to_save: modules trained in full next to LoRA (e.g. ["classifier"], a freshly
+        initialised head), matched like a target_modules list. Each adapter gets its own trainable
+        copy.
     """
     target_modules: str | list[str]
     r: int = 8
@@ -58,26 +56,32 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"LoraConfig: r must be an integer >= 1 (the rank of B A), got r={self.r!r}. "
-                             "Typical values are 4 to 64.")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
-            raise ValueError(f"LoraConfig: alpha must be a number > 0 (the update is scaled by alpha / r), "
-                             f"got alpha={self.alpha!r}. A common choice is alpha = r or 2 * r.")
+            raise ValueError(f"LoraConfig: r must be an integer >= 1 (the rank of B A), "
+                             f"got r={self.r!r}. Typical values are 4 to 64.")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) \
+                or not self.alpha > 0:
+            raise ValueError(f"LoraConfig: alpha must be a number > 0 (the update is scaled by "
+                             f"alpha / r), got alpha={self.alpha!r}. A common choice is alpha = r "
+                             "or 2 * r.")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoraConfig: dropout must be in [0, 1), got dropout={self.dropout!r}.")
+            raise ValueError(f"LoraConfig: dropout must be in [0, 1), got "
+                             f"dropout={self.dropout!r}.")
         if not isinstance(self.use_rslora, bool):
-            raise ValueError(f"LoraConfig: use_rslora must be True or False, got {self.use_rslora!r}.")
+            raise ValueError(f"LoraConfig: use_rslora must be True or False, got "
+                             f"{self.use_rslora!r}.")
         if isinstance(self.target_modules, str):
             try:
                 re.compile(self.target_modules)
             except re.error as e:
-                raise ValueError(f"LoraConfig: target_modules={self.target_modules!r} is not a valid regex "
-                                 f"({e}). Pass a list of names instead, e.g. ['query', 'value'].") from None
+                raise ValueError(f"LoraConfig: target_modules={self.target_modules!r} is not a "
+                                 f"valid regex ({e}). Pass a list of names instead, e.g. "
+                                 "['query', 'value'].") from None
         else:
             self.target_modules = _name_list("target_modules", self.target_modules)
             if not self.target_modules:
-                raise ValueError("LoraConfig: target_modules is empty. Name the Linear layers to adapt, "
-                                 "e.g. target_modules=['query', 'value'] (BERT) or ['q_proj', 'v_proj'] (Llama).")
+                raise ValueError("LoraConfig: target_modules is empty. Name the Linear layers to "
+                                 "adapt, e.g. target_modules=['query', 'value'] (BERT) or "
+                                 "['q_proj', 'v_proj'] (Llama).")
         self.modules_to_save = _name_list("modules_to_save", self.modules_to_save or [])
 
     @property
@@ -88,7 +92,8 @@ class LoraConfig:
 
 def _name_list(what: str, names: object) -> list[str]:
     if isinstance(names, str) or not all(isinstance(n, str) and n for n in names):
-        raise ValueError(f"LoraConfig: {what} must be a list of non-empty module names, got {names!r}.")
+        raise ValueError(f"LoraConfig: {what} must be a list of non-empty module names, "
+                         f"got {names!r}.")
     return list(names)
 
 
@@ -105,22 +110,25 @@ class LoraLinear(nn.Module):
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
-        self.active_adapter: str | None = None  # None: no adapter applies (disabled, or not in this layer)
-        self.merged = False                     # True: base_layer.weight holds W0 + s B A of the active adapter
+        self.active_adapter: str | None = None  # None: no adapter applies (disabled, or not in
+                                                # this layer)
+        self.merged = False                     # True: base_layer.weight holds W0 + s B A of the
+                                                # active adapter
 
     def add_adapter(self, name: str, config: LoraConfig, dtype: torch.dtype) -> None:
         """Create adapter `name`: A like nn.Linear's default init, B = 0, so B A = 0."""
         device = self.base_layer.weight.device
         A = nn.Linear(self.base_layer.in_features, config.r, bias=False, device=device)
         B = nn.Linear(config.r, self.base_layer.out_features, bias=False, device=device)
-        # nn.Linear's constructor already drew this init; drawing it again (as peft and loralib do) keeps the
-        # random stream the same as peft's, so one seed gives the same A in both.
+        # nn.Linear's constructor already drew this init; drawing it again (as peft and loralib do)
+        # keeps the random stream the same as peft's, so one seed gives the same A in both.
         nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))
         nn.init.zeros_(B.weight)
         self.lora_A[name] = A.to(dtype)
         self.lora_B[name] = B.to(dtype)
         # Identity rather than Dropout(0): one module call less per forward.
-        self.lora_dropout[name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.lora_dropout[name] = (nn.Dropout(config.dropout) if config.dropout > 0
+                                   else nn.Identity())
         self.scaling[name] = config.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -129,9 +137,11 @@ class LoraLinear(nn.Module):
         if self.merged or name not in self.lora_A:
             return result
         A, B = self.lora_A[name], self.lora_B[name]
-        # fp16/bf16 base with fp32 adapter: the LoRA branch runs in the adapter's dtype, the sum in the wider one.
+        # fp16/bf16 base with fp32 adapter: the LoRA branch runs in the adapter's dtype, the sum in
+        # the wider one.
         lora = B(A(self.lora_dropout[name](x.to(A.weight.dtype))))
-        return torch.add(result, lora, alpha=self.scaling[name]).to(result.dtype)  # h = W0 x + s B A x
+        scaling = self.scaling[name]
+        return (result + scaling * lora).to(result.dtype)  # h = W0 x + s B A x
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """s B A for adapter `name`, in the base weight's dtype."""
@@ -157,7 +167,8 @@ class LoraLinear(nn.Module):
         """Adapter `name`'s weights, keyed as in peft's files (`lora_A.weight`, `lora_B.weight`)."""
         if name not in self.lora_A:
             return {}
-        return {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
+        return {"lora_A.weight": self.lora_A[name].weight,
+                "lora_B.weight": self.lora_B[name].weight}
 
     def set_active(self, name: str | None) -> None:
         self.active_adapter = name
@@ -166,54 +177,26 @@ class LoraLinear(nn.Module):
                 module.requires_grad_(key == name)
 
 
-class ModulesToSave(nn.Module):
-    """A frozen module plus one trainable copy per adapter; the active adapter's copy runs.
-
-    A copy rather than training the original in place, so that every adapter keeps its own head and
-    disabling adapters gives back the untouched base model.
-    """
-
-    def __init__(self, original_module: nn.Module) -> None:
-        super().__init__()
-        self.original_module = original_module
-        self.modules_to_save = nn.ModuleDict()
-        self.active_adapter: str | None = None
-
-    def add_adapter(self, name: str) -> None:
-        self.modules_to_save[name] = copy.deepcopy(self.original_module)
-
-    def forward(self, *args, **kwargs):
-        module = self.modules_to_save[self.active_adapter] if self.active_adapter in self.modules_to_save \
-            else self.original_module
-        return module(*args, **kwargs)
-
-    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
-        """Adapter `name`'s copy, keyed like the original module (peft saves `classifier.weight`)."""
-        return self.modules_to_save[name].state_dict() if name in self.modules_to_save else {}
-
-    def set_active(self, name: str | None) -> None:
-        self.active_adapter = name
-        for key, module in self.modules_to_save.items():
-            module.requires_grad_(key == name)
-
-
 _ADAPTER_LAYERS = (LoraLinear, ModulesToSave)
 
 
 def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default", *,
              weights: Mapping[str, torch.Tensor] | None = None,
              autocast_adapter_dtype: bool = True) -> nn.Module:
-    """Add LoRA adapter `adapter_name` to `model` in place, make it the active one, and return `model`.
+    """Add LoRA adapter `adapter_name` to `model` in place, make it the active one, and return
+    `model`.
 
-    Targeted nn.Linear layers become `LoraLinear`s (a layer already wrapped gets one more adapter), modules
-    in `config.modules_to_save` get a trainable copy, and every other parameter is frozen; only the active
-    adapter trains. `weights` (keys as `adapter_state_dict` gives them) replace the fresh init.
-    With `autocast_adapter_dtype` (peft's default), adapters of fp16/bf16 layers are kept in fp32: small,
-    and optimizer steps of ~1e-4 relative size would round away in fp16; otherwise they take the layer's dtype.
+    Targeted nn.Linear layers become `LoraLinear`s (a layer already wrapped gets one more adapter),
+    modules in `config.modules_to_save` get a trainable copy, and every other parameter is frozen;
+    only the active adapter trains. `weights` (keys as `adapter_state_dict` gives them) replace the
+    fresh init.
+    With `autocast_adapter_dtype` (peft's default), adapters of fp16/bf16 layers are kept in fp32:
+    small, and optimizer steps of ~1e-4 relative size would round away in fp16; otherwise they take
+    the layer's dtype.
     Everything is checked before the model is touched: a ValueError leaves it as it was.
     """
     configs = getattr(model, CONFIGS_ATTR, {})
-    _check_adapter_name(adapter_name, configs)
+    check_adapter_name(adapter_name, configs)
     _check_not_merged(model, "add an adapter")
     targets, to_save = _find_modules(model, config)
     if weights is not None:
@@ -222,17 +205,19 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default"
                                        ("lora_B.weight", (_unwrapped(m).out_features, config.r)))}
         expected |= {f"{path}.{key}": tuple(t.shape) for path, m in to_save
                      for key, t in _unwrapped(m).state_dict().items()}
-        _check_weights(weights, expected)
+        check_weights(weights, expected)
 
     # Everything is validated; nothing below can fail on user input.
     for path, module in targets:
-        layer = module if isinstance(module, LoraLinear) else _replace(model, path, LoraLinear(module))
+        layer = (module if isinstance(module, LoraLinear)
+                 else replace_module(model, path, LoraLinear(module)))
         dtype = layer.base_layer.weight.dtype
         if autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16):
             dtype = torch.float32
         layer.add_adapter(adapter_name, config, dtype)
     for path, module in to_save:
-        wrapper = module if isinstance(module, ModulesToSave) else _replace(model, path, ModulesToSave(module))
+        wrapper = (module if isinstance(module, ModulesToSave)
+                   else replace_module(model, path, ModulesToSave(module)))
         wrapper.add_adapter(adapter_name)
     setattr(model, CONFIGS_ATTR, configs | {adapter_name: config})
     model.requires_grad_(False)
@@ -244,23 +229,15 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default"
     return model
 
 
-def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The weights of adapter `adapter_name` only, keyed `<module path>.<key>` as in peft's saved files.
-
-    Works for any minipeft method: it collects `adapter_state_dict(name)` from every layer that has one.
-    The tensors are the live parameters, not copies.
-    """
-    return {f"{path}.{key}": tensor
-            for path, module in model.named_modules() if hasattr(module, "adapter_state_dict")
-            for key, tensor in module.adapter_state_dict(adapter_name).items()}
-
-
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold the active adapter into the base weights, W = W0 + s B A; forward then skips the LoRA branch."""
+    """Fold the active adapter into the base weights, W = W0 + s B A; forward then skips the LoRA
+    branch.
+    """
     layers = _layers(model, LoraLinear)
     _check_not_merged(model, "merge")
     if layers[0].active_adapter is None:
-        raise ValueError("merge_lora: adapters are disabled here (inside disable_lora); merge outside that block.")
+        raise ValueError("merge_lora: adapters are disabled here (inside disable_lora); merge "
+                         "outside that block.")
     for layer in layers:
         layer.merge()
     return model
@@ -278,11 +255,14 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 
 
 def set_active_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
-    """Make `adapter_name` the adapter that runs and trains; the others stay in the model, frozen."""
+    """Make `adapter_name` the adapter that runs and trains; the others stay in the model,
+    frozen.
+    """
     configs = getattr(model, CONFIGS_ATTR, {})
     if adapter_name not in configs:
         raise ValueError(f"set_active_adapter: no adapter named {adapter_name!r}; this model has "
-                         f"{sorted(configs)}. Add it with add_lora(model, config, {adapter_name!r}).")
+                         f"{sorted(configs)}. Add it with "
+                         f"add_lora(model, config, {adapter_name!r}).")
     _check_not_merged(model, "switch adapters")
     _activate(model, adapter_name)
     return model
@@ -295,7 +275,8 @@ def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
     _check_not_merged(model, "disable adapters")
     previous = [layer.active_adapter for layer in layers]
     for layer in layers:
-        layer.active_adapter = None  # requires_grad is left alone: this only changes what forward computes
+        # requires_grad is left alone: this only changes what forward computes
+        layer.active_adapter = None
     try:
         yield model
     finally:
@@ -311,7 +292,8 @@ def _activate(model: nn.Module, adapter_name: str) -> None:
 def _layers(model: nn.Module, kind: type | tuple[type, ...] = _ADAPTER_LAYERS) -> list[nn.Module]:
     layers = [m for m in model.modules() if isinstance(m, kind)]
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no LoRA adapter. Call add_lora(model, config) first.")
+        raise ValueError(f"{type(model).__name__} has no LoRA adapter. "
+                         "Call add_lora(model, config) first.")
     return layers
 
 
@@ -321,25 +303,10 @@ def _check_not_merged(model: nn.Module, action: str) -> None:
                          "Call unmerge_lora(model) first.")
 
 
-def _check_adapter_name(name: str, configs: Mapping[str, object]) -> None:
-    if not isinstance(name, str) or not name or "." in name or hasattr(nn.ModuleDict(), name):
-        raise ValueError(f"adapter_name={name!r} is not usable: it becomes a key of nn.ModuleDict, so it must be "
-                         "a non-empty string without '.' that is not a ModuleDict method name. Try 'default' "
-                         "or a task name like 'sst2'.")
-    if name in configs:
-        raise ValueError(f"This model already has an adapter named {name!r} (adapters: {sorted(configs)}). "
-                         "Pass another adapter_name, or start again from a fresh base model.")
-
-
-def _matches(name: str, patterns: str | list[str]) -> bool:
-    """peft's rule: a str is a regex that must match all of `name`; a list entry matches `name` or a `.name` tail."""
-    if isinstance(patterns, str):
-        return re.fullmatch(patterns, name) is not None
-    return any(name == p or name.endswith("." + p) for p in patterns)
-
-
 def _named_base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """named_modules() without the insides of adapter layers (their `base_layer`, `lora_A.default`, ...)."""
+    """named_modules() without the insides of adapter layers (their `base_layer`,
+    `lora_A.default`, ...).
+    """
     inside: list[str] = []
     for name, module in model.named_modules():
         if any(name.startswith(prefix) for prefix in inside):
@@ -349,44 +316,46 @@ def _named_base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         yield name, module
 
 
-def _find_modules(model: nn.Module, config: LoraConfig) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, nn.Module]]]:
-    """The (path, module) pairs to wrap with LoRA and to save; raises if the config does not fit the model."""
+def _find_modules(model: nn.Module, config: LoraConfig) -> tuple[list[tuple[str, nn.Module]],
+                                                                 list[tuple[str, nn.Module]]]:
+    """The (path, module) pairs to wrap with LoRA and to save; raises if the config does not fit
+    the model.
+    """
     modules = list(_named_base_modules(model))
     to_save: list[tuple[str, nn.Module]] = []
     for name, module in modules:
-        if _matches(name, config.modules_to_save) and not any(name.startswith(p + ".") for p, _ in to_save):
+        if matches(name, config.modules_to_save) \
+                and not any(name.startswith(p + ".") for p, _ in to_save):
             if isinstance(module, LoraLinear):
-                raise ValueError(f"modules_to_save matched {name!r}, which already has LoRA adapters "
-                                 f"{sorted(module.lora_A)}. A module is either adapted by LoRA or saved whole, "
-                                 "not both; remove it from one of the two lists.")
+                raise ValueError(f"modules_to_save matched {name!r}, which already has LoRA "
+                                 f"adapters {sorted(module.lora_A)}. A module is either adapted "
+                                 "by LoRA or saved whole, not both; remove it from one of the "
+                                 "two lists.")
             to_save.append((name, module))
     if config.modules_to_save and not to_save:
-        raise ValueError(f"modules_to_save={config.modules_to_save} matched no module of {type(model).__name__}. "
-                         f"Its modules' names end in: {_last_names(modules)}.")
+        raise ValueError(f"modules_to_save={config.modules_to_save} matched no module of "
+                         f"{type(model).__name__}. Its modules' names end in: "
+                         f"{last_names(modules)}.")
 
     # Like peft, a module being saved whole is never also a LoRA target.
     saved = tuple(p for p, _ in to_save)
     targets = [(name, module) for name, module in modules
-               if _matches(name, config.target_modules)
+               if matches(name, config.target_modules)
                and not any(name == p or name.startswith(p + ".") for p in saved)]
-    linear_names = _last_names((n, m) for n, m in modules if isinstance(m, (nn.Linear, LoraLinear)))
+    linear_names = last_names((n, m) for n, m in modules if isinstance(m, (nn.Linear, LoraLinear)))
     if not targets:
-        raise ValueError(f"target_modules={config.target_modules!r} matched no module of {type(model).__name__}"
-                         f"{' outside modules_to_save' if saved else ''}. Its nn.Linear layers' names end in: "
-                         f"{linear_names}. Use some of those (a list entry matches the end of a name after a '.'), "
-                         "or a regex string that matches whole names.")
+        raise ValueError(f"target_modules={config.target_modules!r} matched no module of "
+                         f"{type(model).__name__}{' outside modules_to_save' if saved else ''}. "
+                         f"Its nn.Linear layers' names end in: {linear_names}. Use some of those "
+                         "(a list entry matches the end of a name after a '.'), or a regex string "
+                         "that matches whole names.")
     for name, module in targets:
         if not isinstance(module, (nn.Linear, LoraLinear)):
             raise ValueError(f"target_modules={config.target_modules!r} matched {name!r}, a "
-                             f"{type(module).__name__}, but LoRA here wraps nn.Linear layers only. Narrow "
-                             f"target_modules to Linear layers; this model's end in: {linear_names}.")
+                             f"{type(module).__name__}, but LoRA here wraps nn.Linear layers only. "
+                             "Narrow target_modules to Linear layers; this model's end in: "
+                             f"{linear_names}.")
     return targets, to_save
-
-
-def _last_names(named_modules) -> str:
-    """'a, b, c': the distinct last parts of the names (which are what a target_modules list matches)."""
-    last = {name.rsplit(".", 1)[-1] for name, _ in named_modules}
-    return ", ".join(sorted(n for n in last if n and not n.isdigit()))
 
 
 def _unwrapped(module: nn.Module) -> nn.Module:
@@ -394,21 +363,3 @@ def _unwrapped(module: nn.Module) -> nn.Module:
     if isinstance(module, LoraLinear):
         return module.base_layer
     return module.original_module if isinstance(module, ModulesToSave) else module
-
-
-def _check_weights(weights: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]]) -> None:
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    wrong = [f"{k} is {tuple(weights[k].shape)} in the weights but {expected[k]} here"
-             for k in sorted(set(expected) & set(weights)) if tuple(weights[k].shape) != tuple(expected[k])]
-    problems = [f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
-                for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
-    if problems:
-        raise ValueError("The adapter weights do not fit this model (" + "; ".join(problems) + "). Load an adapter "
-                         "into the base model (architecture and size) it was trained on, with the same config.")
-
-
-def _replace(model: nn.Module, path: str, new: nn.Module) -> nn.Module:
-    parent_path, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent_path), child, new)
-    return new

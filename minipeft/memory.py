@@ -31,7 +31,8 @@ class ParamCount:
         return 100.0 * self.trainable / self.total if self.total else 0.0
 
     def __str__(self) -> str:
-        # Same wording and layout as peft's print_trainable_parameters, so the two can be compared by eye.
+        # Same wording and layout as peft's print_trainable_parameters, so the two can be compared
+        # by eye.
         return (f"trainable params: {self.trainable:,d} || all params: {self.total:,d} "
                 f"|| trainable%: {self.percent:.4f}")
 
@@ -101,9 +102,10 @@ class PeakMemory:
 def peak_memory(device: str | torch.device = "cpu") -> Iterator[PeakMemory]:
     """Measure peak memory inside a `with` block.
 
-    On CUDA this is the allocator's peak (`torch.cuda.max_memory_allocated`). On CPU it is the process's
-    peak resident set size, sampled by a background thread: the kernel's own high-water mark (ru_maxrss)
-    never goes down, so it cannot measure a block that peaks lower than something earlier in the process.
+    On CUDA this is the allocator's peak (`torch.cuda.max_memory_allocated`). On CPU it is the
+    process's peak resident set size, sampled by a background thread: the kernel's own high-water
+    mark (ru_maxrss) never goes down, so it cannot measure a block that peaks lower than something
+    earlier in the process.
     """
     device = torch.device(device)
     result = PeakMemory(device=str(device))

@@ -1,20 +1,25 @@
-/* NF4 -> float dequantisation on the CPU, compiled on first use by minipeft.quant (cc -O3 -march=native).
+/* NF4 -> float dequantisation on the CPU, compiled on first use by minipeft.quant
+   (cc -O3 -march=native).
 
-   x = NF4_CODE[q] * absmax (QLoRA's dequant(c, X) = X / c, with c = 1 / absmax), computed in float32 and
-   rounded to the output type.
-   Each byte holds two 4-bit indices q, the first value in the high nibble; every `blocksize` values share
-   one absmax. This file only handles whole blocks of at least 32 values (16 bytes); minipeft.quant does the
-   rest in PyTorch.
+   x = NF4_CODE[q] * absmax (QLoRA's dequant(c, X) = X / c, with c = 1 / absmax), computed in
+   float32 and rounded to the output type.
+   Each byte holds two 4-bit indices q, the first value in the high nibble; every `blocksize` values
+   share one absmax. This file only handles whole blocks of at least 32 values (16 bytes);
+   minipeft.quant does the rest in PyTorch.
 
-   Why C: the work per value is one 16-entry table lookup and one multiply, so speed is the number of values
-   a loop handles per instruction. GCC's vector extensions write the lookup as __builtin_shuffle, one
-   instruction on AVX-512 (vpermps for 16 float32 values, vpermw for 32 16-bit ones); PyTorch's gather
-   does one value at a time. */
+   Why C: the work per value is one 16-entry table lookup and one multiply, so speed is the number
+   of values a loop handles per instruction. GCC's vector extensions write the lookup as
+   __builtin_shuffle, one instruction on AVX-512 (vpermps for 16 float32 values, vpermw for 32
+   16-bit ones); PyTorch's gather does one value at a time. */
+/* The #error messages are split by a backslash-newline, which the preprocessor removes first: they
+   read exactly as if on one line. */
 #if defined(__clang__) || !defined(__GNUC__) || __GNUC__ < 9
-#error "nf4_dequantize.c needs GCC 9 or newer (GCC's vector extensions: __builtin_shuffle, __builtin_convertvector)"
+#error "nf4_dequantize.c needs GCC 9 or newer (GCC's vector extensions: __builtin_shuffle, \
+__builtin_convertvector)"
 #endif
 #if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
-#error "nf4_dequantize.c reads pairs of 16-bit lanes as one 32-bit lane: little-endian machines only"
+#error "nf4_dequantize.c reads pairs of 16-bit lanes as one 32-bit lane: little-endian machines \
+only"
 #endif
 #include <stdint.h>
 #include <string.h>
@@ -33,8 +38,9 @@ typedef uint16_t u16x32 __attribute__((vector_size(64)));
 
 enum { FLOAT32 = 0, BFLOAT16 = 1, FLOAT16 = 2 };
 
-/* 16 float32 values rounded to `dtype` (bfloat16 or float16, to nearest even): the 16-bit pattern of value i
-   in the low half of 32-bit lane i, so that read as 16-bit lanes the values sit at 0, 2, 4, ... 30. */
+/* 16 float32 values rounded to `dtype` (bfloat16 or float16, to nearest even): the 16-bit
+   pattern of value i in the low half of 32-bit lane i, so that read as 16-bit lanes the values
+   sit at 0, 2, 4, ... 30. */
 static inline u32x16 to_16_bits(f32x16 v, int dtype) {
     if (dtype == BFLOAT16) {  /* the top 16 bits of the float32, rounded */
         const u32x16 bits = (u32x16)v;
@@ -57,11 +63,11 @@ static inline u32x16 to_16_bits(f32x16 v, int dtype) {
 #endif
 }
 
-/* The output is usually fresh memory, which the OS maps on first write, one 4 KiB page at a time: for a
-   4096 x 4096 bfloat16 matrix, 8192 page faults that cost more than the dequantisation itself. Asking for
-   2 MiB pages (Linux; a hint: ignored where unsupported, and memory already mapped stays as it is) makes
-   that 16. Called once per output, before the threads start: it changes the process's memory map, which page
-   faults in other threads wait for. */
+/* The output is usually fresh memory, which the OS maps on first write, one 4 KiB page at a time:
+   for a 4096 x 4096 bfloat16 matrix, 8192 page faults that cost more than the dequantisation
+   itself. Asking for 2 MiB pages (Linux; a hint: ignored where unsupported, and memory already
+   mapped stays as it is) makes that 16. Called once per output, before the threads start: it
+   changes the process's memory map, which page faults in other threads wait for. */
 void ask_for_huge_pages(char *start, int64_t size) {
 #ifdef MADV_HUGEPAGE
     const uintptr_t huge = (uintptr_t)1 << 21;
@@ -73,34 +79,39 @@ void ask_for_huge_pages(char *start, int64_t size) {
 #endif
 }
 
-/* Per block: the 16 possible outputs c_q * absmax (one float32 rounding each, then one to `dtype`) form a
-   table. Per 16 bytes: the 32 nibbles, in output order, pick their values from it with one shuffle. */
-void nf4_dequantize(const uint8_t *packed, const float *absmax, const float *code, int64_t num_blocks,
-                    int64_t blocksize, int dtype, void *out) {
+/* Per block: the 16 possible outputs c_q * absmax (one float32 rounding each, then one to `dtype`)
+   form a table. Per 16 bytes: the 32 nibbles, in output order, pick their values from it with one
+   shuffle. */
+void nf4_dequantize(const uint8_t *packed, const float *absmax, const float *code,
+                    int64_t num_blocks, int64_t blocksize, int dtype, void *out) {
     const int64_t block_bytes = blocksize / 2;
     const int element_size = dtype == FLOAT32 ? 4 : 2;
     f32x16 codes;
     memcpy(&codes, code, sizeof codes);
-    const i32x16 first_half = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};  /* interleave */
+    /* interleave */
+    const i32x16 first_half = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
     const i32x16 second_half = first_half + 8;
     for (int64_t block = 0; block < num_blocks; block++) {
         const f32x16 values = codes * absmax[block];  /* x = c_q * absmax, for all 16 q */
-        const u16x32 values_16_bits = dtype == FLOAT32 ? (u16x32){0} : (u16x32)to_16_bits(values, dtype);
+        const u16x32 values_16_bits = dtype == FLOAT32 ? (u16x32){0}
+                                                       : (u16x32)to_16_bits(values, dtype);
         for (int64_t byte = 0; byte < block_bytes; byte += 16) {
             const uint8_t *bytes = packed + block * block_bytes + byte;
             i32x16 q;
             for (int i = 0; i < 16; i++) q[i] = bytes[i];  /* widened to 32 bits */
             char *dst = (char *)out + (block * blocksize + 2 * byte) * element_size;
             if (dtype == FLOAT32) {
-                const f32x16 high = __builtin_shuffle(values, q >> 4);  /* first value of each byte */
-                const f32x16 low = __builtin_shuffle(values, q & 15);   /* second value */
+                /* first value of each byte */
+                const f32x16 high = __builtin_shuffle(values, q >> 4);
+                /* second value */
+                const f32x16 low = __builtin_shuffle(values, q & 15);
                 const f32x16 first = __builtin_shuffle(high, low, first_half);
                 const f32x16 second = __builtin_shuffle(high, low, second_half);
                 memcpy(dst, &first, sizeof first);
                 memcpy(dst + sizeof first, &second, sizeof second);
             } else {
-                /* 32-bit lane i = (2 * low nibble) << 16 | 2 * high nibble: read as 16-bit lanes (little-endian),
-                   the table positions of values 2i and 2i + 1, in output order */
+                /* 32-bit lane i = (2 * low nibble) << 16 | 2 * high nibble: read as 16-bit lanes
+                   (little-endian), the table positions of values 2i and 2i + 1, in output order */
                 const u16x32 index = (u16x32)(((q >> 4) << 1) | ((q & 15) << 17));
                 const u16x32 result = __builtin_shuffle(values_16_bits, index);
                 memcpy(dst, &result, sizeof result);

@@ -1,12 +1,14 @@
-"""NF4 dequantisation on the CPU in C: minipeft/nf4_dequantize.c, compiled on first use, called by ctypes.
+"""NF4 dequantisation on the CPU in C: minipeft/nf4_dequantize.c, compiled on first use, called by
+ctypes.
 
-Dequantisation is one table lookup and one multiply per value. PyTorch's gather looks values up one at a
-time; bitsandbytes' CPU kernel is hand-vectorised C. nf4_dequantize.c looks up 16 or 32 at a time (GCC's
-vector extensions: one vpermps or vpermw instruction on AVX-512), and asks the OS for huge pages for the
-output. It is compiled with the machine's GCC on first use (-march=native, so the cache is keyed by CPU
-too), and called through ctypes, which releases the GIL: a thread pool splits the blocks over
-torch.get_num_threads() cores.
-Where it cannot be built, `kernel()` is None and minipeft.quant uses PyTorch operations, with a warning.
+Dequantisation is one table lookup and one multiply per value. PyTorch's gather looks values up one
+at a time; bitsandbytes' CPU kernel is hand-vectorised C. nf4_dequantize.c looks up 16 or 32 at a
+time (GCC's vector extensions: one vpermps or vpermw instruction on AVX-512), and asks the OS for
+huge pages for the output. It is compiled with the machine's GCC on first use (-march=native, so
+the cache is keyed by CPU too), and called through ctypes, which releases the GIL: a thread pool
+splits the blocks over torch.get_num_threads() cores.
+Where it cannot be built, `kernel()` is None and minipeft.quant uses PyTorch operations, with a
+warning.
 """
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ SOURCE = Path(__file__).with_name("nf4_dequantize.c")
 FLAGS = ("-O3", "-march=native", "-std=gnu11", "-shared", "-fPIC")
 MIN_BLOCKSIZE = 32  # the kernel reads 16 bytes (32 values) of one block at a time
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_VALUES_PER_THREAD = 2**20  # a thread's share: ~0.1 ms of work, well above the cost of handing it over
+# a thread's share: ~0.1 ms of work, well above the cost of handing it over
+_VALUES_PER_THREAD = 2**20
 
 
 def _cache_dir() -> Path:
@@ -38,9 +41,12 @@ def _cache_dir() -> Path:
 
 
 def _cpu_description() -> str:
-    """What -march=native depends on: a binary built for one CPU may not run on another sharing the cache."""
+    """What -march=native depends on: a binary built for one CPU may not run on another sharing the
+    cache.
+    """
     try:
-        return next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+        return next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("flags"))
     except (OSError, StopIteration):
         return platform.processor()
 
@@ -56,20 +62,23 @@ def build() -> tuple[ctypes.CDLL | None, str]:
         library = _cache_dir() / name
         if not library.exists():
             library.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=library.parent) as build_dir:  # renamed: safe for parallel runs
-                subprocess.run([*compiler, *FLAGS, str(SOURCE), "-o", str(Path(build_dir) / name)], check=True,
-                               capture_output=True, text=True, timeout=120)
+            # renamed: safe for parallel runs
+            with tempfile.TemporaryDirectory(dir=library.parent) as build_dir:
+                subprocess.run([*compiler, *FLAGS, str(SOURCE), "-o", str(Path(build_dir) / name)],
+                               check=True, capture_output=True, text=True, timeout=120)
                 os.replace(Path(build_dir) / name, library)
         kernel = ctypes.CDLL(str(library))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as error:  # RuntimeError: no home directory
+    except (OSError, RuntimeError,  # RuntimeError: no home directory
+            subprocess.SubprocessError) as error:
         stderr = getattr(error, "stderr", None)
         problem = stderr.strip().splitlines()[-1] if stderr else f"{type(error).__name__}: {error}"
-        warnings.warn(f"minipeft.quant: the CPU dequantisation kernel could not be built ({problem}), so "
-                      "dequantize_nf4 uses the slower PyTorch path. It needs GCC 9 or newer (set CC to choose the "
-                      "compiler) and a writable cache folder (set MINIPEFT_CACHE to choose one).", stacklevel=5)
+        warnings.warn(f"minipeft.quant: the CPU dequantisation kernel could not be built "
+                      f"({problem}), so dequantize_nf4 uses the slower PyTorch path. "
+                      "It needs GCC 9 or newer (set CC to choose the compiler) and a writable "
+                      "cache folder (set MINIPEFT_CACHE to choose one).", stacklevel=5)
         return None, problem
-    kernel.nf4_dequantize.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                      ctypes.c_int64, ctypes.c_int, ctypes.c_void_p]
+    kernel.nf4_dequantize.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                      ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p]
     kernel.nf4_dequantize.restype = None
     kernel.ask_for_huge_pages.argtypes = [ctypes.c_void_p, ctypes.c_int64]
     kernel.ask_for_huge_pages.restype = None
@@ -85,27 +94,32 @@ def _thread_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="minipeft-nf4")
 
 
-os.register_at_fork(after_in_child=_thread_pool.cache_clear)  # a forked child has none of the pool's threads
+# a forked child has none of the pool's threads
+os.register_at_fork(after_in_child=_thread_pool.cache_clear)
 
 
-def dequantize_whole_blocks(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, num_blocks: int,
-                            blocksize: int, out: torch.Tensor) -> None:
-    """out[:num_blocks * blocksize] = code[q] * absmax of the first `num_blocks` blocks, split over threads.
+def dequantize_whole_blocks(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+                            num_blocks: int, blocksize: int, out: torch.Tensor) -> None:
+    """out[:num_blocks * blocksize] = code[q] * absmax of the first `num_blocks` blocks, split over
+    threads.
 
-    packed: contiguous uint8 CPU tensor; absmax, code: contiguous float32; out: contiguous float32, float16
-    or bfloat16; blocksize: a power of two >= MIN_BLOCKSIZE. The kernel reads raw memory: check first.
+    packed: contiguous uint8 CPU tensor; absmax, code: contiguous float32; out: contiguous float32,
+    float16 or bfloat16; blocksize: a power of two >= MIN_BLOCKSIZE. The kernel reads raw memory:
+    check first.
     """
     library = kernel()
     workers = max(1, min(torch.get_num_threads(), num_blocks * blocksize // _VALUES_PER_THREAD))
     bounds = [num_blocks * i // workers for i in range(workers + 1)]
 
     def run(first: int, last: int) -> None:
-        library.nf4_dequantize(packed.data_ptr() + first * blocksize // 2, absmax.data_ptr() + 4 * first,
-                               code.data_ptr(), last - first, blocksize, _DTYPE_CODES[out.dtype],
+        library.nf4_dequantize(packed.data_ptr() + first * blocksize // 2,
+                               absmax.data_ptr() + 4 * first, code.data_ptr(), last - first,
+                               blocksize, _DTYPE_CODES[out.dtype],
                                out.data_ptr() + first * blocksize * out.element_size())
 
     library.ask_for_huge_pages(out.data_ptr(), out.numel() * out.element_size())
-    others = [_thread_pool().submit(run, first, last) for first, last in zip(bounds[1:-1], bounds[2:])]
+    others = [_thread_pool().submit(run, first, last)
+              for first, last in zip(bounds[1:-1], bounds[2:])]
     run(bounds[0], bounds[1])  # this thread takes the first share instead of waiting idle
     for share in others:
         share.result()

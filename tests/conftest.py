@@ -29,5 +29,5 @@ def bert():
 
 @pytest.fixture(scope="session")
 def sentiment():
-    from minipeft.data import make_sentiment
+    from minipeft.course.data import make_sentiment
     return make_sentiment()

@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from minipeft.adapter_io import export_peft, import_peft, load_adapter, save_adapter
-from minipeft.lora import LoraConfig, add_lora, adapter_state_dict, set_active_adapter
+from minipeft.inject import adapter_state_dict
+from minipeft.lora import LoraConfig, add_lora, set_active_adapter
 from tiny_models import tiny_bert, tiny_llama
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

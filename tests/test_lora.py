@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from minipeft.lora import (LoraConfig, LoraLinear, ModulesToSave, add_lora, adapter_state_dict, disable_lora,
+from minipeft.inject import ModulesToSave, adapter_state_dict
+from minipeft.lora import (LoraConfig, LoraLinear, add_lora, disable_lora,
                            merge_lora, set_active_adapter, unmerge_lora)
 from minipeft.memory import count_parameters
 from tiny_models import tiny_bert, tiny_llama

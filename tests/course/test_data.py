@@ -2,8 +2,8 @@ import re
 
 import pytest
 
-from minipeft import data
-from minipeft.data import bag_of_words_accuracy, make_sentiment
+from minipeft.course import data
+from minipeft.course.data import bag_of_words_accuracy, make_sentiment
 
 SENTIMENT_WORDS = {
     "train": set(data.TRAIN_POSITIVE + data.TRAIN_NEGATIVE),

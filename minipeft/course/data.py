@@ -39,9 +39,9 @@ ASPECTS = ("the movie", "the film", "the plot", "the acting", "the story", "the 
            "the camera work", "the lead actor", "the second half", "the humor")
 INTENSIFIERS = ("", "really ", "truly ", "very ", "quite ", "absolutely ", "rather ")
 
-# Each template: (text with {a}/{b} aspects and {x}/{y} words, how the label follows from the words).
-# "x" means the label is x's polarity, "not x" its opposite; y (when present) always has the opposite
-# polarity of x, so a contrast sentence holds one positive and one negative word.
+# Each template: (text with {a}/{b} aspects and {x}/{y} words, how the label follows from the
+# words). "x" means the label is x's polarity, "not x" its opposite; y (when present) always has
+# the opposite polarity of x, so a contrast sentence holds one positive and one negative word.
 TEMPLATES = (
     ("{a} was {i}{x}.", "x"),
     ("I thought {a} was {i}{x}.", "x"),
@@ -78,7 +78,8 @@ PARAPHRASE_PAIRS = (
     ("The baby is crying loudly.", "An infant wails."),
     ("The team won the championship.", "The squad took the title."),
     ("He forgot his keys at home.", "He left his keys in the house."),
-    ("The bakery sells fresh bread every morning.", "Each morning the bakery offers freshly baked loaves."),
+    ("The bakery sells fresh bread every morning.",
+     "Each morning the bakery offers freshly baked loaves."),
     ("The students are taking an exam.", "The pupils sit a test."),
     ("A bird is building a nest in the tree.", "A bird makes its nest among the branches."),
     ("The price of oil went up.", "Oil became more expensive."),
@@ -91,7 +92,8 @@ def _polarity(word: str) -> int:
     return 1 if word in TRAIN_POSITIVE or word in TEST_POSITIVE else 0
 
 
-def _examples(positive: tuple[str, ...], negative: tuple[str, ...], rng: random.Random) -> list[tuple[str, int]]:
+def _examples(positive: tuple[str, ...], negative: tuple[str, ...],
+              rng: random.Random) -> list[tuple[str, int]]:
     """Every sentence the templates make from these words, with its label, in a shuffled order."""
     out = []
     for (template, rule), x in product(TEMPLATES, positive + negative):
@@ -134,7 +136,8 @@ def make_sentiment(n_train: int = 2000, n_validation: int = 300, n_test: int = 5
     Deterministic: the same arguments give the same data set on every machine.
     """
     if min(n_train, n_validation, n_test) < 2:
-        raise ValueError(f"each split needs at least 2 examples, got {n_train}/{n_validation}/{n_test}")
+        raise ValueError(f"each split needs at least 2 examples, got "
+                         f"{n_train}/{n_validation}/{n_test}")
     rng = random.Random(seed)
     taken: set[str] = set()
     in_domain = lambda: _examples(TRAIN_POSITIVE, TRAIN_NEGATIVE, rng)  # noqa: E731
@@ -147,7 +150,9 @@ def make_sentiment(n_train: int = 2000, n_validation: int = 300, n_test: int = 5
 
 
 def paraphrase_pairs() -> list[tuple[str, str]]:
-    """Sentence pairs with the same meaning, for measuring forgetting (see `training.paraphrase_retrieval`)."""
+    """Sentence pairs with the same meaning, for measuring forgetting (see
+    `training.paraphrase_retrieval`).
+    """
     return list(PARAPHRASE_PAIRS)
 
 

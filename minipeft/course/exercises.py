@@ -1,7 +1,8 @@
 """exercises/ is generated from solutions/, so the two never drift.
 
-    python -m minipeft.exercises            # (re)write exercises/ from solutions/
-    python -m minipeft.exercises --check    # exit 1, listing every difference, if exercises/ is stale
+    python -m minipeft.course.exercises            # (re)write exercises/ from solutions/
+    python -m minipeft.course.exercises --check    # exit 1, listing every difference, if
+                                                   # exercises/ is stale
 
 A solution notebook `solutions/NN_name.ipynb` is the only source. In its code cells, solution code
 sits between nbgrader's markers:
@@ -17,9 +18,9 @@ and the exercise notebook `exercises/NN_name.ipynb` gets, at the marker's indent
         # YOUR CODE HERE
         raise NotImplementedError()
 
-(nbgrader's own placeholder), which `minipeft.grading.check` reports as "not attempted yet". The
-exercise also loses the solution's outputs and execution counts (learners start clean), its
-`# NBVAL_...` markers (exercises are not nbval-tested), and its Colab link points at exercises/.
+(nbgrader's own placeholder), which `minipeft.course.feedback.check` reports as "not attempted
+yet". The exercise also loses the solution's outputs and execution counts (learners start clean),
+its `# NBVAL_...` markers (exercises are not nbval-tested), and its Colab link points at exercises/.
 The output is a pure function of the solution notebook, written byte for byte the same every time.
 """
 from __future__ import annotations
@@ -38,15 +39,17 @@ NBVAL_MARKER = re.compile(r"^\s*# NBVAL_\w+\s*$")
 
 
 def strip_solution(source: str, where: str) -> tuple[str, int]:
-    """`source` with every solution region replaced by the placeholder; also returns how many regions there were."""
+    """`source` with every solution region replaced by the placeholder; also returns how many
+    regions there were.
+    """
     lines, out, regions = source.split("\n"), [], 0
     inside_from = None
     for number, line in enumerate(lines, start=1):
         marker = line.strip()
         if marker == BEGIN:
             if inside_from is not None:
-                raise ValueError(f"{where}, line {number}: {BEGIN!r} inside the region opened on line "
-                                 f"{inside_from}. Close that one with {END!r} first.")
+                raise ValueError(f"{where}, line {number}: {BEGIN!r} inside the region opened on "
+                                 f"line {inside_from}. Close that one with {END!r} first.")
             inside_from = number
             indent = line[:len(line) - len(line.lstrip())]
             out += [indent + text for text in PLACEHOLDER]
@@ -59,8 +62,8 @@ def strip_solution(source: str, where: str) -> tuple[str, int]:
         elif inside_from is None and not NBVAL_MARKER.match(line):
             out.append(line)
     if inside_from is not None:
-        raise ValueError(f"{where}, line {inside_from}: {BEGIN!r} is never closed. Add {END!r} after the "
-                         f"solution code.")
+        raise ValueError(f"{where}, line {inside_from}: {BEGIN!r} is never closed. Add {END!r} "
+                         f"after the solution code.")
     return "\n".join(out), regions
 
 
@@ -71,15 +74,18 @@ def exercise_notebook(solution: nbformat.NotebookNode, name: str) -> nbformat.No
     for index, cell in enumerate(nb.cells):
         cell.metadata.pop("execution", None)
         if cell.cell_type == "code":
-            cell.source, found = strip_solution(cell.source, f"solutions/{name}.ipynb, cell {index}")
+            cell.source, found = strip_solution(cell.source,
+                                                f"solutions/{name}.ipynb, cell {index}")
             regions += found
             cell.outputs = []
             cell.execution_count = None
         elif cell.cell_type == "markdown":
-            cell.source = cell.source.replace(f"/solutions/{name}.ipynb", f"/exercises/{name}.ipynb")
+            cell.source = cell.source.replace(f"/solutions/{name}.ipynb",
+                                              f"/exercises/{name}.ipynb")
     if not regions:
-        raise ValueError(f"solutions/{name}.ipynb has no solution region: put the solution code between "
-                         f"{BEGIN!r} and {END!r} lines, or it would be given away in exercises/.")
+        raise ValueError(f"solutions/{name}.ipynb has no solution region: put the solution code "
+                         f"between {BEGIN!r} and {END!r} lines, or it would be given away in "
+                         "exercises/.")
     nb.metadata["minipeft"] = {"assignment": name}
     return nb
 
@@ -109,7 +115,9 @@ def drift(solutions: Path, exercises: Path) -> list[str]:
 
 
 def write(solutions: Path, exercises: Path) -> list[Path]:
-    """Regenerate `exercises` from `solutions` (removing exercises that have no solution any more)."""
+    """Regenerate `exercises` from `solutions` (removing exercises that have no solution any
+    more).
+    """
     generated = generate(solutions)  # everything is generated before anything is written
     exercises.mkdir(exist_ok=True)
     for extra in set(p.name for p in exercises.glob("*.ipynb")) - set(generated):
@@ -124,12 +132,15 @@ def write(solutions: Path, exercises: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m minipeft.exercises",
+    parser = argparse.ArgumentParser(prog="python -m minipeft.course.exercises",
                                      description="Generate exercises/ from solutions/.")
     parser.add_argument("--check", action="store_true",
-                        help="change nothing; exit 1 listing the differences if exercises/ is stale")
-    parser.add_argument("--solutions", type=Path, default=Path("solutions"), help="default: ./solutions")
-    parser.add_argument("--exercises", type=Path, default=Path("exercises"), help="default: ./exercises")
+                        help="change nothing; exit 1 listing the differences if exercises/ is "
+                             "stale")
+    parser.add_argument("--solutions", type=Path, default=Path("solutions"),
+                        help="default: ./solutions")
+    parser.add_argument("--exercises", type=Path, default=Path("exercises"),
+                        help="default: ./exercises")
     args = parser.parse_args(argv)
     if not args.solutions.is_dir():
         parser.error(f"no solutions folder at {args.solutions}: run this from the repository root, "
@@ -140,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             for problem in problems:
                 print(problem)
             if problems:
-                print("exercises/ is stale: regenerate it with `make exercises` (python -m minipeft.exercises)")
+                print("exercises/ is stale: regenerate it with `make exercises` "
+                      "(python -m minipeft.course.exercises)")
                 return 1
             print(f"{args.exercises} is up to date with {args.solutions}")
             return 0

@@ -1,4 +1,4 @@
-"""exercises/ is generated from solutions/ (minipeft.exercises), and both grade as they should.
+"""exercises/ is generated from solutions/ (minipeft.course.exercises), and both grade as they should.
 
 Every solution notebook grades at full marks; every generated exercise, as shipped, grades at zero
 with every part "not attempted" (so the checks can fail). nbval runs the solutions themselves.
@@ -12,10 +12,10 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from minipeft import exercises, grading
-from minipeft.checks import exercises_of, notebooks
+from minipeft.course import exercises, grader
+from minipeft.course.checks import exercises_of, notebooks
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SOLUTIONS, EXERCISES_DIR = ROOT / "solutions", ROOT / "exercises"
 
 
@@ -45,13 +45,13 @@ def test_exercise_opens_with_what_it_practises_and_how_it_is_graded(name):
 
 @pytest.mark.parametrize("name", notebooks())
 def test_solution_grades_full_and_exercise_grades_zero_not_attempted(name):
-    solved = grading.grade_notebook(SOLUTIONS / f"{name}.ipynb", seed=2024)
+    solved = grader.grade_notebook(SOLUTIONS / f"{name}.ipynb", seed=2024)
     assert solved.score == solved.max_score, solved.table()
     assert not solved.notebook_problems
 
-    shipped = grading.grade_notebook(EXERCISES_DIR / f"{name}.ipynb", seed=2024)
+    shipped = grader.grade_notebook(EXERCISES_DIR / f"{name}.ipynb", seed=2024)
     assert shipped.assignment == name and shipped.score == 0
-    assert [e.status for e in shipped.exercises] == [grading.NOT_ATTEMPTED] * len(exercises_of(name))
+    assert [e.status for e in shipped.exercises] == [grader.NOT_ATTEMPTED] * len(exercises_of(name))
     assert shipped.max_score == solved.max_score >= 3 * len(exercises_of(name))
 
 

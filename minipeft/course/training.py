@@ -7,6 +7,7 @@ parameters with `requires_grad=True` go to the optimizer, so the same loop train
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -73,11 +74,12 @@ def linear_warmup_decay(step: int, total: int, warmup: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-def train_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer) -> float:
+def train_step(model: nn.Module, batch: dict[str, torch.Tensor],
+               optimizer: torch.optim.Optimizer) -> float:
     """One optimisation step on a batch (input_ids, attention_mask, labels); returns the loss.
 
-    Forward in training mode, cross-entropy of the logits (in fp32, also for a bf16 model), backward,
-    update, and clear the gradients so that the next step does not add to them.
+    Forward in training mode, cross-entropy of the logits (in fp32, also for a bf16 model),
+    backward, update, and clear the gradients so that the next step does not add to them.
     """
     model.train()
     inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -88,14 +90,35 @@ def train_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer: torc
     return loss.item()
 
 
+PROGRESS_MODES = ("live", "summary")
+
+
+def progress_mode() -> str:
+    """How `train` reports progress: `MINIPEFT_PROGRESS`, "live" (a bar, the default) or "summary".
+
+    "summary" prints one line when training ends: what runs that keep their output (a committed
+    notebook, CI logs) want instead of dozens of bar frames. `make test` and `make lessons` set it.
+    """
+    mode = os.environ.get("MINIPEFT_PROGRESS", "live").strip().lower()
+    if mode not in PROGRESS_MODES:
+        raise ValueError(f"MINIPEFT_PROGRESS={mode!r} is not a progress mode: use one of "
+                         f"{PROGRESS_MODES}")
+    return mode
+
+
 def train(model: nn.Module, tokenizer, train_data, *, eval_data=None, epochs: int = 1,
           batch_size: int = 32, lr: float = 5e-5, weight_decay: float = 0.01,
           warmup_ratio: float = 0.1, eval_every: int | None = None, seed: int = 0,
-          desc: str = "training") -> TrainResult:
-    """Fine-tune `model` in place on `train_data`; return losses, validation curve, time and peak memory."""
+          desc: str = "training", progress: str | None = None) -> TrainResult:
+    """Fine-tune `model` in place on `train_data`; return losses, validation curve, time and peak
+    memory. `progress`: "live" or "summary" (default: `progress_mode()`)."""
+    progress = progress or progress_mode()
+    if progress not in PROGRESS_MODES:
+        raise ValueError(f"progress={progress!r}: use one of {PROGRESS_MODES}")
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
-        raise ValueError("the model has no trainable parameters: unfreeze some (or add an adapter) first")
+        raise ValueError("the model has no trainable parameters: unfreeze some (or add an "
+                         "adapter) first")
     device = _model_device(model)
     loader = make_loader(train_data, tokenizer, batch_size, shuffle=True, seed=seed)
     total = epochs * len(loader)
@@ -107,7 +130,8 @@ def train(model: nn.Module, tokenizer, train_data, *, eval_data=None, epochs: in
         result.val_accuracy.append((0, evaluate(model, tokenizer, eval_data)))
     model.train()
     start = time.perf_counter()
-    with peak_memory(device) as memory, tqdm(total=total, desc=desc, unit="step", mininterval=1.0) as bar:
+    with peak_memory(device) as memory, tqdm(total=total, desc=desc, unit="step", mininterval=1.0,
+                                             disable=progress != "live") as bar:
         for _ in range(epochs):
             for batch in loader:
                 loss = train_step(model, {k: v.to(device) for k, v in batch.items()}, optimizer)
@@ -117,11 +141,16 @@ def train(model: nn.Module, tokenizer, train_data, *, eval_data=None, epochs: in
                 bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
                 bar.update()
                 if eval_data is not None and eval_every and result.steps % eval_every == 0:
-                    result.val_accuracy.append((result.steps, evaluate(model, tokenizer, eval_data)))
+                    result.val_accuracy.append((result.steps,
+                                                evaluate(model, tokenizer, eval_data)))
     result.seconds = time.perf_counter() - start
+    if progress == "summary":
+        final = f", final loss {result.losses[-1]:.3f}" if result.losses else ""
+        print(f"{desc}: {result.steps} steps in {result.seconds:.1f} s{final}")
     result.peak_memory_bytes = memory.peak_bytes
     result.start_memory_bytes = memory.start_bytes
-    if eval_data is not None and (not result.val_accuracy or result.val_accuracy[-1][0] != result.steps):
+    if eval_data is not None and (not result.val_accuracy
+                                  or result.val_accuracy[-1][0] != result.steps):
         result.val_accuracy.append((result.steps, evaluate(model, tokenizer, eval_data)))
     return result
 
@@ -134,7 +163,9 @@ class ParaphraseScore:
 
 @torch.no_grad()
 def sentence_embeddings(model: nn.Module, tokenizer, texts: list[str]) -> torch.Tensor:
-    """Mean-pooled, L2-normalised last hidden states of the model's encoder (as sentence-transformers does)."""
+    """Mean-pooled, L2-normalised last hidden states of the model's encoder (as
+    sentence-transformers does).
+    """
     encoder = model.base_model
     was_training = encoder.training
     encoder.eval()
@@ -146,7 +177,8 @@ def sentence_embeddings(model: nn.Module, tokenizer, texts: list[str]) -> torch.
     return F.normalize(pooled.float(), dim=-1)
 
 
-def paraphrase_retrieval(model: nn.Module, tokenizer, pairs: list[tuple[str, str]]) -> ParaphraseScore:
+def paraphrase_retrieval(model: nn.Module, tokenizer,
+                         pairs: list[tuple[str, str]]) -> ParaphraseScore:
     """How well the encoder still finds each sentence's paraphrase among all candidates."""
     left = sentence_embeddings(model, tokenizer, [a for a, _ in pairs])
     right = sentence_embeddings(model, tokenizer, [b for _, b in pairs])

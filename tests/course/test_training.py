@@ -4,8 +4,9 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from minipeft import course, data
-from minipeft.training import (evaluate, linear_warmup_decay, make_loader, paraphrase_retrieval,
+from minipeft import course
+from minipeft.course import data
+from minipeft.course.training import (evaluate, linear_warmup_decay, make_loader, paraphrase_retrieval,
                                sentence_embeddings, train)
 
 

