@@ -222,22 +222,16 @@ def draw_adapters() -> None:
 
     _box(ax, cz - wide / 2, 1.0, wide, 0.3, ACTIVATION, "$z$   (hidden size $d$)", fontsize=10)
     _arrow(ax, (cz, 1.3), (cz, 1.6))
-    ax.add_patch(Polygon([(cz - wide / 2, 1.6), (cz + wide / 2, 1.6), (cz + narrow / 2, 2.5),
-                          (cz - narrow / 2, 2.5)], facecolor=TRAINABLE, edgecolor=INK,
-                         linewidth=1.2))
-    ax.text(cz, 1.93, "down-projection\n$W_{down},\\ b_{down}$", ha="center", va="center",
-            fontsize=9.5)
+    _trapezoid(ax, cz, 1.6, wide, narrow, 0.9, "down-projection\n$W_{down},\\ b_{down}$",
+               fontsize=9.5, text_y=1.93)
     _arrow(ax, (cz, 2.5), (cz, 2.75))
     _box(ax, cz - narrow / 2, 2.75, narrow, 0.4, ACTIVATION, "$f$", fontsize=13)
     ax.text(cz + 0.45, 2.95, "nonlinearity\n(e.g. ReLU)", ha="left", va="center", fontsize=9.5)
     ax.text(cz - 0.45, 2.95, "width:\nhidden size /\nreduction_factor", ha="right",
             va="center", fontsize=9.5)
     _arrow(ax, (cz, 3.15), (cz, 3.4))
-    ax.add_patch(Polygon([(cz - narrow / 2, 3.4), (cz + narrow / 2, 3.4), (cz + wide / 2, 4.3),
-                          (cz - wide / 2, 4.3)], facecolor=TRAINABLE, edgecolor=INK,
-                         linewidth=1.2))
-    ax.text(cz, 3.97, "up-projection\n$W_{up},\\ b_{up}$", ha="center", va="center",
-            fontsize=9.5)
+    _trapezoid(ax, cz, 3.4, narrow, wide, 0.9, "up-projection\n$W_{up},\\ b_{up}$",
+               fontsize=9.5, text_y=3.97)
     _arrow(ax, (cz, 4.3), (cz, 4.73))
     ax.text(cz + 0.1, 4.5, "$A(z)$", ha="left", va="center", fontsize=10.5)
     _plus(ax, (cz, 4.95))
@@ -443,12 +437,13 @@ def draw_nf4() -> None:
 # ------------------------------------------------------------------------------- LoRA in a layer
 
 def _trapezoid(ax: Axes, cx: float, y: float, bottom: float, top: float, h: float,
-               text: str) -> None:
+               text: str, fontsize: float = 10, text_y: float | None = None) -> None:
     """A trainable projection as a trapezoid; widths `bottom` -> `top` show d -> r or r -> d."""
     ax.add_patch(Polygon([(cx - bottom / 2, y), (cx + bottom / 2, y), (cx + top / 2, y + h),
                           (cx - top / 2, y + h)], facecolor=TRAINABLE, edgecolor=INK,
                          linewidth=1.2))
-    ax.text(cx, y + h / 2, text, ha="center", va="center", fontsize=10)
+    ax.text(cx, y + h / 2 if text_y is None else text_y, text, ha="center", va="center",
+            fontsize=fontsize)
 
 
 def _lora_branch(ax: Axes, bx: float, proj_x: float, bus_y: float, plus_y: float,

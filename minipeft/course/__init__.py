@@ -21,6 +21,7 @@ import logging
 import os
 import random
 import socket
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -28,6 +29,8 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import nn
+
+from minipeft.course.training import progress_mode
 
 PROFILES = ("offline", "full")
 HUB_HOST = "huggingface.co"
@@ -72,7 +75,7 @@ DATA = {  # name -> what it is, by profile
 class Lesson:
     """One lesson: what its banner says, and what it loads."""
     title: str
-    offline_seconds: int   # measured on the 2-core CI machine
+    offline_seconds: int   # measured: 2-core AMD EPYC, no AVX-512 (make lessons, 2026-11-30)
     full_minutes: int      # rough, on one modern GPU
     model: str | None = "bert"       # a key of MODELS, or None for a lesson without a model
     data: str | None = "sentiment"   # a key of DATA, or None
@@ -81,15 +84,15 @@ class Lesson:
 
 
 LESSONS: dict[int | str, Lesson] = {  # "2b": an optional companion of lesson 2
-    1: Lesson("Full fine-tuning of BERT", offline_seconds=90, full_minutes=15,
+    1: Lesson("Full fine-tuning of BERT", offline_seconds=150, full_minutes=15,
               notebook="01_full_finetuning", exercise="01_full_finetuning"),
-    2: Lesson("The math of LoRA", offline_seconds=60, full_minutes=15,
+    2: Lesson("The math of LoRA", offline_seconds=95, full_minutes=15,
               notebook="02_lora_math", exercise="02_lora"),
-    "2b": Lesson("α / r or α / √r: the scaling and the rank (optional)", offline_seconds=30,
+    "2b": Lesson("α / r or α / √r: the scaling and the rank (optional)", offline_seconds=20,
                  full_minutes=1, model=None, data=None, notebook="02b_rslora"),
-    3: Lesson("LoRA fine-tuning in practice", offline_seconds=90, full_minutes=20,
+    3: Lesson("LoRA fine-tuning in practice", offline_seconds=170, full_minutes=20,
               notebook="03_lora", exercise="02_lora"),
-    6: Lesson("Quantisation and NF4", offline_seconds=30, full_minutes=5,
+    6: Lesson("Quantisation and NF4", offline_seconds=40, full_minutes=5,
               notebook="06_nf4_quantization", exercise="06_nf4"),
 }
 
@@ -177,6 +180,19 @@ class _DropMessage(logging.Filter):
         return hash(self.text)
 
 
+def quiet_library_progress_bars() -> None:
+    """No progress bars from datasets, transformers or the hub: for runs whose outputs are kept
+    (`MINIPEFT_PROGRESS=summary`), where a notebook would keep a bar's first frame, not its last."""
+    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"  # read when those libraries are imported
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+
+
 def setup(lesson: int | str, seed: int = 0) -> Settings:
     """Pick the profile and device, fix the seeds, print the lesson's banner, return the
     settings.
@@ -186,6 +202,8 @@ def setup(lesson: int | str, seed: int = 0) -> Settings:
     if profile == "offline":
         os.environ["HF_HUB_OFFLINE"] = "1"  # never wait on a hub that is not there
     quiet_known_library_warnings()
+    if progress_mode() == "summary":
+        quiet_library_progress_bars()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     seed_everything(seed)
     _current = Settings(lesson=lesson, profile=profile, device=device, seed=seed)
@@ -253,7 +271,7 @@ def load_model(name: str, num_labels: int = 2, pretrained: bool = True,
         auto, extra = AutoModelForCausalLM, {}
     if pretrained:
         from transformers.utils import logging
-        verbosity = logging.get_verbosity()
+        verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
         # The "classifier weights newly initialised" report is expected here, and a bar for a 1 s
         # load is noise.
         logging.set_verbosity_error()
@@ -262,7 +280,8 @@ def load_model(name: str, num_labels: int = 2, pretrained: bool = True,
             model = auto.from_pretrained(source, **extra)
         finally:
             logging.set_verbosity(verbosity)
-            logging.enable_progress_bar()
+            if bars:
+                logging.enable_progress_bar()
     else:
         model = auto.from_config(AutoConfig.from_pretrained(source, **extra))
     return model, tokenizer

@@ -125,3 +125,20 @@ def test_setup_drops_known_library_log_messages_only(caplog):
         logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s", "x")
         logger.warning("something else went wrong")
     assert [r.getMessage() for r in caplog.records] == ["something else went wrong"]
+
+
+def test_summary_progress_switches_library_bars_off(monkeypatch):
+    import datasets
+    from transformers.utils import logging as transformers_logging
+
+    datasets.enable_progress_bars()
+    transformers_logging.enable_progress_bar()
+    monkeypatch.setenv("MINIPEFT_PROGRESS", "summary")
+    try:
+        course.setup(lesson=1)
+        assert not datasets.is_progress_bar_enabled()
+        assert not transformers_logging.is_progress_bar_enabled()
+        assert os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] == "1"
+    finally:
+        datasets.enable_progress_bars()
+        transformers_logging.enable_progress_bar()
