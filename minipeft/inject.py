@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -36,6 +36,8 @@ def matches(name: str, patterns: str | list[str]) -> bool:
 
 
 def replace_module(model: nn.Module, path: str, new: nn.Module) -> nn.Module:
+    """Put `new` where the module at `path` (e.g. "bert.encoder.layer.0.attention.self.query")
+    was; returns `new`."""
     parent_path, _, child = path.rpartition(".")
     setattr(model.get_submodule(parent_path), child, new)
     return new
@@ -87,6 +89,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
 
 
 def check_adapter_name(name: str, configs: Mapping[str, object]) -> None:
+    """Refuse a name that cannot be an adapter's, or that the model's adapters already use."""
     if not isinstance(name, str) or not name or "." in name or hasattr(nn.ModuleDict(), name):
         raise ValueError(f"adapter_name={name!r} is not usable: it becomes a key of nn.ModuleDict, "
                          "so it must be a non-empty string without '.' that is not a ModuleDict "
@@ -99,6 +102,7 @@ def check_adapter_name(name: str, configs: Mapping[str, object]) -> None:
 
 def check_weights(weights: Mapping[str, torch.Tensor],
                   expected: Mapping[str, tuple[int, ...]]) -> None:
+    """Refuse loaded `weights` unless they have exactly the `expected` keys and shapes."""
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
     wrong = [f"{k} is {tuple(weights[k].shape)} in the weights but {expected[k]} here"
@@ -113,7 +117,7 @@ def check_weights(weights: Mapping[str, torch.Tensor],
                          "trained on, with the same config.")
 
 
-def last_names(named_modules) -> str:
+def last_names(named_modules: Iterable[tuple[str, object]]) -> str:
     """'a, b, c': the distinct last parts of the names (which are what a target_modules list
     matches).
     """

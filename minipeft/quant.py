@@ -363,8 +363,7 @@ def _torch_dequantize(flat: torch.Tensor, absmax: torch.Tensor, n: int, blocksiz
     reference.
     """
     out = torch.empty(n, dtype=dtype, device=flat.device)
-    code = _on_device(NF4_CODE, flat.device)
-    quant_cpu.dequantize_whole_blocks(flat, absmax, code, n // blocksize, blocksize, out)
+    quant_cpu.dequantize_whole_blocks(flat, absmax, NF4_CODE, n // blocksize, blocksize, out)
     _dequantize_last_partial_block(flat, absmax, n, blocksize, out)
     return out
 

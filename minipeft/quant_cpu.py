@@ -28,7 +28,9 @@ TINY_ABSMAX = 2.0**-100       # below this, H / absmax could overflow: such bloc
 
 @functools.cache
 def cell_table(midpoints: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 per cell: the NF4 index of every value in the cell, or NEEDS_SEARCH."""
+    """uint8 per cell: the NF4 index of every value in the cell, or NEEDS_SEARCH. Built on the CPU,
+    then copied to `device` once (cached by the tensor object: pass module constants only)."""
+    midpoints = midpoints.cpu()
     cell = torch.arange(2 * CELLS_PER_UNIT + 1, dtype=torch.float64)
     lowest = (cell - CELL_MARGIN) / CELLS_PER_UNIT - 1
     highest = (cell + 1 + CELL_MARGIN) / CELLS_PER_UNIT - 1
@@ -80,7 +82,8 @@ def quantize_whole_blocks(blocks: torch.Tensor, absmax: torch.Tensor, midpoints:
 
 @functools.cache
 def pair_table(code: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """256 entries: byte -> (code[high nibble], code[low nibble]), each pair stored as one int64."""
+    """256 entries: byte -> (code[high nibble], code[low nibble]), each pair stored as one int64.
+    `code` is a CPU constant; the table is built once per device (cached by the tensor object)."""
     byte = torch.arange(256)
     pairs = torch.stack([code[byte >> 4], code[byte & 15]], dim=1)
     return pairs.contiguous().view(torch.int64).view(256).to(device)
@@ -89,7 +92,8 @@ def pair_table(code: torch.Tensor, device: torch.device) -> torch.Tensor:
 def dequantize_whole_blocks(flat: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                             num_blocks: int, blocksize: int, out: torch.Tensor) -> None:
     """Writes code[q] * absmax (computed in float32, rounded to out's dtype) for the first
-    `num_blocks` whole blocks of the packed bytes `flat` into `out`."""
+    `num_blocks` whole blocks of the packed bytes `flat` into `out`. `code`: the 16 values, on the
+    CPU (a module constant)."""
     device = flat.device
     table = pair_table(code, device)
     end = num_blocks * blocksize

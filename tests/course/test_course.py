@@ -133,6 +133,8 @@ def test_summary_progress_switches_library_bars_off(monkeypatch):
 
     datasets.enable_progress_bars()
     transformers_logging.enable_progress_bar()
+    for name in ("HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS"):
+        monkeypatch.delenv(name, raising=False)  # restored after the test, whatever setup() sets
     monkeypatch.setenv("MINIPEFT_PROGRESS", "summary")
     try:
         course.setup(lesson=1)
