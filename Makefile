@@ -60,12 +60,13 @@ lessons: setup
 	done
 	$(PY) -m minipeft.course.exercises
 
-# Grade a submitted exercise notebook: make grade NB=path/to/submitted.ipynb [GRADE_ARGS="--json g.json --csv g.csv"]
+# Grade a submitted exercise notebook, or a folder of them (one gradebook):
+#   make grade NB=path/to/submitted.ipynb_or_folder [GRADE_ARGS="--json g.json --csv g.csv"]
 grade: setup
-	@test -n "$(NB)" || { echo "usage: make grade NB=path/to/notebook.ipynb [GRADE_ARGS='--json g.json --csv g.csv']"; exit 2; }
+	@test -n "$(NB)" || { echo "usage: make grade NB=path/to/notebook.ipynb-or-folder [GRADE_ARGS='--json g.json --csv g.csv']"; exit 2; }
 	$(OFFLINE) $(PY) -m minipeft.course.grader $(NB) $(GRADE_ARGS)
 
-# Regenerate exercises/ from solutions/ (tests/test_exercises.py fails when they drift apart).
+# Regenerate exercises/ from solutions/ (tests/course/test_exercises.py fails when they drift apart).
 exercises: setup
 	$(PY) -m minipeft.course.exercises
 

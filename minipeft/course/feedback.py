@@ -19,6 +19,8 @@ import copy
 import math
 import numbers
 import re
+import sys
+import types
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -59,6 +61,7 @@ class Answer:
     status: str                           # ANSWERED, ERROR, NOT_ATTEMPTED, MISSING or NO_ANSWER
     outputs: Outputs = field(default_factory=dict)
     error: str = ""
+    borrowed: list[str] = field(default_factory=list)  # see `borrowed`
 
 
 class CaseTimeout(BaseException):
@@ -124,6 +127,65 @@ def _one_thread() -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------------------------------
+# Borrowed answers: a solution that calls minipeft's own implementation
+# --------------------------------------------------------------------------------------------------
+
+OWN_MODULE = "minipeft"              # whose functions and classes an answer should not call ...
+NOT_BORROWING = ("minipeft.course.feedback",)   # ... except `check` itself
+
+
+def _minipeft_callable(value: Any) -> str | None:
+    """'minipeft.quant.quantize_nf4' when `value` is a function or class of minipeft, else None.
+    Constants (NF4_CODE, a tensor) are not answers: using them is fine."""
+    module = getattr(value, "__module__", None) or ""
+    if not callable(value) or not (module == OWN_MODULE or module.startswith(OWN_MODULE + ".")):
+        return None
+    if module.startswith(NOT_BORROWING):
+        return None
+    return f"{module}.{getattr(value, '__qualname__', getattr(value, '__name__', '?'))}"
+
+
+def _code_names(code: types.CodeType) -> set[str]:
+    """The global and attribute names a code object uses, its nested functions' included."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _code_names(const)
+    return names
+
+
+def borrowed(solution: Callable) -> list[str]:
+    """The minipeft functions and classes `solution` uses, directly, through a module
+    (`quant.quantize_nf4`), an import inside it, or the notebook's own helpers it calls.
+
+    Checks judge behaviour, so an answer that calls minipeft's own implementation of what the
+    exercise asks for passes them; this names it, so that the learner (in `check`) and the
+    instructor (in the grader's report) see it. It reads the function's bytecode names, so it is a
+    signal for a shortcut, not a proof: a determined learner can hide a call.
+    """
+    found: set[str] = set()
+    seen: set[int] = set()
+    todo = [solution]
+    while todo:
+        function = todo.pop()
+        code, scope = getattr(function, "__code__", None), getattr(function, "__globals__", {})
+        if code is None or id(function) in seen:
+            continue
+        seen.add(id(function))
+        names = _code_names(code)
+        for name in names:
+            value = scope.get(name) if "." not in name else sys.modules.get(name)  # import a.b
+            if isinstance(value, types.ModuleType) and value.__name__.startswith(OWN_MODULE):
+                found.update(filter(None, (_minipeft_callable(getattr(value, attribute, None))
+                                           for attribute in names)))
+            elif _minipeft_callable(value):
+                found.add(_minipeft_callable(value))
+            elif isinstance(value, types.FunctionType) and value.__globals__ is scope:
+                todo.append(value)                           # a helper of the notebook's own
+    return sorted(found)
+
+
+# --------------------------------------------------------------------------------------------------
 # Judging: compare with the reference, and explain a difference
 # --------------------------------------------------------------------------------------------------
 
@@ -146,13 +208,15 @@ def _index(flat: int, shape: torch.Size) -> str:
     return "[" + ", ".join(map(str, reversed(index))) + "]"
 
 
-def difference(expected: Outputs, got: Outputs,
-               tolerance: float | None = None) -> Difference | None:
-    """The first output of `got` that does not match `expected`, described; None when all match."""
+def difference(expected: Outputs, got: Outputs, tolerance: float | None = None,
+               describe: Callable[[str, int], str] | None = None) -> Difference | None:
+    """The first output of `got` that does not match `expected`, described; None when all match.
+    `describe(key, value)` says what an integer value of output `key` stands for."""
     for key, want in expected.items():
         have = got.get(key, Foreign("NoneType", "nothing"))
         if isinstance(want, torch.Tensor):
-            found = _tensor_difference(want, have, tolerance)
+            found = _tensor_difference(want, have, tolerance,
+                                       describe and (lambda value, key=key: describe(key, value)))
         else:
             found = _number_difference(want, have, tolerance)
         if found:
@@ -160,8 +224,8 @@ def difference(expected: Outputs, got: Outputs,
     return None
 
 
-def _tensor_difference(want: torch.Tensor, have: Any,
-                       tolerance: float | None) -> Difference | None:
+def _tensor_difference(want: torch.Tensor, have: Any, tolerance: float | None,
+                       describe: Callable[[int], str] | None = None) -> Difference | None:
     if not isinstance(have, torch.Tensor):
         return Difference("", "type", f"expected a tensor of shape {tuple(want.shape)}, got {have}")
     if have.shape != want.shape:
@@ -176,9 +240,11 @@ def _tensor_difference(want: torch.Tensor, have: Any,
         if len(wrong) == 0:
             return None
         i = wrong[0].item()
+        expected, got = want.flatten()[i].item(), have.flatten()[i].item()
+        if describe and describe(expected):
+            expected, got = f"{expected} ({describe(expected)})", f"{got} ({describe(got)})"
         return Difference("", "value", f"{len(wrong)} of {want.numel()} values differ; the first "
-                                   f"at {_index(i, want.shape)}: expected "
-                                   f"{want.flatten()[i].item()}, got {have.flatten()[i].item()}")
+                                   f"at {_index(i, want.shape)}: expected {expected}, got {got}")
     want64, have64 = want.double(), have.double()
     if not torch.equal(want64.isnan(), have64.isnan()):
         i = (want64.isnan() != have64.isnan()).flatten().nonzero()[0].item()
@@ -223,6 +289,7 @@ class CaseResult:
 class ExerciseResult:
     name: str
     cases: list[CaseResult]
+    borrowed: list[str] = field(default_factory=list)  # minipeft callables the answer uses
 
     @property
     def passed(self) -> int:
@@ -245,6 +312,13 @@ class ExerciseResult:
 
     def report(self) -> str:
         """The short text `check` prints."""
+        if not self.borrowed:
+            return self._verdict()
+        return (f"{self._verdict()}\n⚑ {self.name} uses minipeft's own "
+                f"{', '.join(self.borrowed)}. The checks compare behaviour, so that passes, but "
+                f"the exercise is to write it yourself: your instructor's grader flags it.")
+
+    def _verdict(self) -> str:
         if self.status == "all pass":
             return (f"✓ {self.name}: all {self.total} cases pass "
                     f"({', '.join(c.name for c in self.cases)})")
@@ -293,7 +367,7 @@ def judge(exercise: Exercise, cases: list[Case], answers: list[Answer]) -> Exerc
         if reference.status != ANSWERED:
             raise RuntimeError(f"the reference of {exercise.name!r} failed on case "
                                f"{case.name!r}: {reference}")
-    differences = [difference(ref.outputs, got.outputs, exercise.tolerance)
+    differences = [difference(ref.outputs, got.outputs, exercise.tolerance, exercise.describe)
                    if got.status == ANSWERED else None
                    for ref, got in zip(expected, answers)]
     explains: list[list[bool]] = []
@@ -354,7 +428,9 @@ def evaluate(name: str, solution: Callable, seed: int = 0) -> ExerciseResult:
                          f"it: check({name!r}, {name}).")
     exercise = EXERCISES[name]
     cases = cases_for(exercise, seed)
-    return judge(exercise, cases, [answer(exercise, solution, case) for case in cases])
+    result = judge(exercise, cases, [answer(exercise, solution, case) for case in cases])
+    result.borrowed = borrowed(solution)
+    return result
 
 
 def check(name: str, solution: Callable) -> None:

@@ -29,8 +29,17 @@ minipeft inside the kernel, printing endlessly, looping, raising, or exiting onl
 notebook's own answers. What this does not protect against: the kernel runs as the grading user,
 with that user's files and network. A hostile notebook can do anything that user can (read or
 overwrite files, including this module). Grade untrusted submissions in a throw-away container
-or VM without network. And a check judges behaviour, not source: a function that calls minipeft's
-own implementation passes.
+or VM without network.
+
+Checks judge behaviour, so a function that calls minipeft's own implementation passes them. The
+kernel also reports which minipeft functions and classes each answer uses (`feedback.borrowed`);
+the report flags such an answer (table, JSON, CSV), and `--borrowed zero` gives it no points
+(default `score`: flagged, points kept). The flag reads bytecode names: it catches shortcuts, not a
+learner determined to hide a call, and a notebook could forge it like any of its answers.
+
+A folder of submissions (one notebook per learner, or a folder per learner) is graded into one
+gradebook: every submission on the same cases (one seed), several at a time (`--jobs`), a row each,
+and a submission that cannot be graded gets a row with the reason, never stopping the rest.
 """
 from __future__ import annotations
 
@@ -55,7 +64,7 @@ import torch
 from minipeft.course.checks import EXERCISES, Case, Exercise, Outputs, exercises_of, notebooks
 from minipeft.course.feedback import (ANSWERED, ERROR, MISSING, NO_ANSWER, NOT_ATTEMPTED, PASS,
                                       Answer, CaseTimeout, ExerciseResult, Foreign, answer,
-                                      cases_for, judge, shorten)
+                                      borrowed, cases_for, judge, shorten)
 
 MAX_ANSWER_BYTES = 64 * 2**20     # an answer file bigger than this is ignored
 DEFAULT_CELL_TIMEOUT = 60         # seconds per notebook cell
@@ -63,7 +72,12 @@ DEFAULT_CASE_TIMEOUT = 10         # seconds per call of a learner's function
 MAX_RESTARTS = 3                  # after this many stopped cells, the rest of the notebook is
                                   # skipped
 KERNEL_ENV = {"MINIPEFT_PROFILE": "offline", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-              "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "MPLBACKEND": "Agg"}
+              "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "MPLBACKEND": "Agg",
+              "MINIPEFT_PROGRESS": "summary"}
+# What an answer that uses minipeft's own implementation (feedback.borrowed) scores. It is always
+# flagged; "score" keeps its points (checks judge behaviour, and the flag is a signal, not a proof),
+# "zero" gives it none.
+BORROWED_POLICIES = {"score": "flagged, points kept", "zero": "flagged, no points"}
 
 # --------------------------------------------------------------------------------------------------
 # Inside the submitted notebook's kernel: answer the grader's questions, nothing else
@@ -109,6 +123,7 @@ def answer_questions(questions: str, answers_dir: str, namespace: dict,
         plan = json.loads(f.metadata()["plan"])
         tensors = {key: f.get_tensor(key) for key in f.keys()}
     for e, item in enumerate(plan):
+        uses = json.dumps(_borrowed_by(namespace.get(item["exercise"])))
         for c, spec in enumerate(item["cases"]):
             prefix = f"{e}/{c}/"
             inputs = spec["values"] | {k[len(prefix):]: v for k, v in tensors.items()
@@ -125,10 +140,18 @@ def answer_questions(questions: str, answers_dir: str, namespace: dict,
             values = {k: asdict(v) if isinstance(v, Foreign) else v
                       for k, v in result.outputs.items() if not isinstance(v, torch.Tensor)}
             metadata = {"status": result.status, "error": result.error,
-                        "values": json.dumps(values)}
+                        "values": json.dumps(values),
+                        "borrowed": uses}
             target = Path(answers_dir) / _case_file(e, c)
             save_file(out_tensors, str(target.with_suffix(".tmp")), metadata=metadata)
             os.replace(target.with_suffix(".tmp"), target)
+
+
+def _borrowed_by(solution: object) -> list[str]:
+    try:
+        return borrowed(solution) if callable(solution) else []
+    except Exception:  # a notebook that broke the detector is not flagged for it
+        return []
 
 
 def _answer_case(name: str, case: Case, namespace: dict, case_timeout: float) -> Answer:
@@ -190,7 +213,11 @@ def read_answer(path: Path) -> Answer:
             elif not isinstance(value, (int, float)):
                 raise ValueError(f"output {key!r} is neither a tensor nor a number")
             outputs[key] = value
-        return Answer(status, outputs, shorten(metadata.get("error", "")))
+        uses = json.loads(metadata.get("borrowed", "[]"))
+        if not isinstance(uses, list) or not all(isinstance(name, str) for name in uses):
+            raise ValueError("'borrowed' is not a list of names")
+        return Answer(status, outputs, shorten(metadata.get("error", "")),
+                      [shorten(name, 80) for name in uses[:20]])
     except Exception as e:  # a tampered or truncated file
         return Answer(ERROR, error=shorten(f"unreadable answer ({type(e).__name__}: {e})"))
 
@@ -207,10 +234,15 @@ class Grade:
     exercises: list[ExerciseResult]
     notebook_problems: list[str]   # cells that raised, ran too long, or stopped the kernel
     seconds: float
+    borrowed_policy: str = "score"  # BORROWED_POLICIES: what a borrowed answer scores
+
+    def points(self, exercise: ExerciseResult) -> int:
+        """The passing cases, or 0 for a borrowed answer under the "zero" policy."""
+        return 0 if exercise.borrowed and self.borrowed_policy == "zero" else exercise.passed
 
     @property
     def score(self) -> int:
-        return sum(e.passed for e in self.exercises)
+        return sum(self.points(e) for e in self.exercises)
 
     @property
     def max_score(self) -> int:
@@ -218,44 +250,52 @@ class Grade:
 
     def table(self) -> str:
         width = max([len("exercise"), *(len(e.name) for e in self.exercises)])
-        lines = [f"{'exercise':<{width}}  passed  status"]
+        lines = [f"{'exercise':<{width}}  points  status"]
         for e in self.exercises:
-            lines.append(f"{e.name:<{width}}  {e.passed:>2} / {e.total:<2} {e.status}")
+            flag = f"  ⚑ borrowed: {', '.join(e.borrowed)}" if e.borrowed else ""
+            lines.append(f"{e.name:<{width}}  {self.points(e):>2} / {e.total:<2} {e.status}{flag}")
         percent = 100 * self.score / self.max_score if self.max_score else 0
         lines.append(f"{'total':<{width}}  {self.score:>2} / {self.max_score:<2} {percent:.0f} %")
+        if any(e.borrowed for e in self.exercises):
+            lines.append(f"⚑ borrowed: the answer uses minipeft's own implementation; policy "
+                         f"{self.borrowed_policy!r} ({BORROWED_POLICIES[self.borrowed_policy]})")
         return "\n".join(lines)
 
     def to_json(self) -> dict:
         return {"notebook": self.notebook, "assignment": self.assignment, "seed": self.seed,
-                "score": self.score, "max_score": self.max_score, "seconds": round(self.seconds, 1),
+                "score": self.score, "max_score": self.max_score,
+                "borrowed_policy": self.borrowed_policy, "seconds": round(self.seconds, 1),
                 "notebook_problems": self.notebook_problems,
-                "exercises": [{"name": e.name, "passed": e.passed, "total": e.total,
-                               "status": e.status, "cases": [asdict(c) for c in e.cases]}
+                "exercises": [{"name": e.name, "points": self.points(e), "passed": e.passed,
+                               "total": e.total, "status": e.status, "borrowed": e.borrowed,
+                               "cases": [asdict(c) for c in e.cases]}
                               for e in self.exercises]}
 
     def write_csv(self, path: Path) -> None:
         with open(path, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["notebook", "assignment", "exercise", "passed", "total", "status"])
+            writer.writerow(["notebook", "assignment", "exercise", "points", "passed", "total",
+                             "status", "borrowed"])
             for e in self.exercises:
-                writer.writerow([self.notebook, self.assignment, e.name, e.passed, e.total,
-                                 e.status])
-            writer.writerow([self.notebook, self.assignment, "total", self.score, self.max_score,
-                             ""])
+                writer.writerow([self.notebook, self.assignment, e.name, self.points(e), e.passed,
+                                 e.total, e.status, "; ".join(e.borrowed)])
+            writer.writerow([self.notebook, self.assignment, "total", self.score, "",
+                             self.max_score, "", ""])
 
 
 def assignment_of(nb, path: Path) -> str:
     """Which exercise notebook a submission is: its metadata (set by the generator), else its file
-    name.
+    name: one that contains an assignment's name ("bob-06_nf4.ipynb") or starts with its number
+    ("02_mine.ipynb").
     """
     named = nb.metadata.get("minipeft", {}).get("assignment")
     if named in notebooks():
         return named
     for candidate in notebooks():
-        if path.stem.startswith(candidate) or path.stem.startswith(candidate.split("_")[0] + "_"):
+        if candidate in path.stem or path.stem.startswith(candidate.split("_")[0] + "_"):
             return candidate
     raise ValueError(f"cannot tell which exercise notebook {path.name} is (no minipeft metadata, "
-                     f"and the file name does not start with one of {notebooks()}). "
+                     f"and the file name names none of {notebooks()}). "
                      "Pass --assignment NAME.")
 
 
@@ -351,7 +391,8 @@ def run_notebook(nb, cwd: Path, harness: str, cell_timeout: float,
 
 def grade_notebook(path: str | Path, assignment: str | None = None, seed: int | None = None,
                    cell_timeout: float = DEFAULT_CELL_TIMEOUT,
-                   case_timeout: float = DEFAULT_CASE_TIMEOUT) -> Grade:
+                   case_timeout: float = DEFAULT_CASE_TIMEOUT,
+                   borrowed_policy: str = "score") -> Grade:
     """Execute a submitted notebook headlessly and grade every exercise of its assignment."""
     import nbformat
 
@@ -379,13 +420,16 @@ def grade_notebook(path: str | Path, assignment: str | None = None, seed: int | 
         n_cases = sum(map(len, cases))
         problems = run_notebook(nb, path.parent.resolve(), harness, cell_timeout,
                                 harness_timeout=60 + n_cases * case_timeout)
-        results = [judge(exercise, exercise_cases,
-                         [read_answer(answers_dir / _case_file(e, c))
-                          for c in range(len(exercise_cases))])
-                   for e, (exercise, exercise_cases) in enumerate(zip(exercises, cases))]
+        results = []
+        for e, (exercise, exercise_cases) in enumerate(zip(exercises, cases)):
+            answers = [read_answer(answers_dir / _case_file(e, c))
+                       for c in range(len(exercise_cases))]
+            results.append(judge(exercise, exercise_cases, answers))
+            results[-1].borrowed = sorted({name for a in answers for name in a.borrowed})
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    return Grade(str(path), assignment, seed, results, problems, time.perf_counter() - start)
+    return Grade(str(path), assignment, seed, results, problems, time.perf_counter() - start,
+                 borrowed_policy)
 
 
 def _failures(grade: Grade) -> Iterator[str]:
@@ -398,13 +442,82 @@ def _failures(grade: Grade) -> Iterator[str]:
                        + (f"\n    hint: {c.hint}" if c.hint else ""))
 
 
+# --------------------------------------------------------------------------------------------------
+# A class: every submission in a folder, one gradebook
+# --------------------------------------------------------------------------------------------------
+
+def _grade_one(path: Path, assignment: str | None, seed: int, cell_timeout: float,
+               case_timeout: float, borrowed_policy: str) -> Grade | str:
+    """A Grade, or the one-line reason this submission could not be graded (never raises)."""
+    try:
+        return grade_notebook(path, assignment, seed, cell_timeout, case_timeout, borrowed_policy)
+    except Exception as error:  # a broken or hostile submission must not stop the batch
+        return shorten(f"{type(error).__name__}: {error}")
+
+
+def grade_folder(folder: Path, assignment: str | None = None, seed: int | None = None,
+                 cell_timeout: float = DEFAULT_CELL_TIMEOUT,
+                 case_timeout: float = DEFAULT_CASE_TIMEOUT, borrowed_policy: str = "score",
+                 jobs: int = 1) -> tuple[int, dict[str, Grade | str]]:
+    """Grade every notebook below `folder` (one per learner, or one folder per learner), all on
+    the same cases (one seed), `jobs` at a time; returns the seed and, per submission (its path
+    relative to `folder`), its Grade or why it could not be graded."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    submissions = sorted(p for p in folder.rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts)
+    if not submissions:
+        raise ValueError(f"no .ipynb files below {folder}: pass a folder of submitted notebooks")
+    seed = secrets.randbelow(2**31) if seed is None else seed
+    arguments = (assignment, seed, cell_timeout, case_timeout, borrowed_policy)
+    # Processes, not threads: each grading sets torch's thread count and random state.
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+        futures = {path: pool.submit(_grade_one, path, *arguments) for path in submissions}
+        results: dict[str, Grade | str] = {}
+        for path, future in futures.items():
+            try:
+                results[str(path.relative_to(folder))] = future.result()
+            except Exception as error:  # the worker process itself died
+                results[str(path.relative_to(folder))] = shorten(f"{type(error).__name__}: {error}")
+    return seed, results
+
+
+def gradebook_rows(results: dict[str, Grade | str], seed: int) -> list[dict[str, object]]:
+    """One row per submission: score, a column per exercise (its points), flags and problems."""
+    exercise_names = list(dict.fromkeys(e.name for g in results.values() if isinstance(g, Grade)
+                                        for e in g.exercises))
+    columns = ["submission", "assignment", "seed", "score", "max_score", *exercise_names,
+               "borrowed", "problems", "error"]
+    rows = []
+    for submission, grade in results.items():
+        row = dict.fromkeys(columns, "") | {"submission": submission, "seed": seed}
+        if isinstance(grade, str):
+            row["error"] = grade
+        else:
+            row |= {"assignment": grade.assignment, "score": grade.score,
+                    "max_score": grade.max_score,
+                    "borrowed": "; ".join(e.name for e in grade.exercises if e.borrowed),
+                    "problems": len(grade.notebook_problems)}
+            row |= {e.name: grade.points(e) for e in grade.exercises}
+        rows.append(row)
+    return rows
+
+
+def _write_gradebook(rows: list[dict[str, object]], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m minipeft.course.grader",
-                                     description="Execute a submitted exercise notebook and "
-                                                 "grade it.")
-    parser.add_argument("notebook", help="the submitted .ipynb")
+                                     description="Execute submitted exercise notebooks and grade "
+                                                 "them: one notebook, or a folder of them.")
+    parser.add_argument("notebook", help="a submitted .ipynb, or a folder of submissions")
     parser.add_argument("--json", type=Path, help="write the full result (every case) as JSON here")
-    parser.add_argument("--csv", type=Path, help="write the score table as CSV here")
+    parser.add_argument("--csv", type=Path, help="write the score table (a folder: the "
+                                                 "gradebook, a row per submission) as CSV here")
     parser.add_argument("--cell-timeout", type=float, default=DEFAULT_CELL_TIMEOUT,
                         help=f"seconds per notebook cell (default {DEFAULT_CELL_TIMEOUT})")
     parser.add_argument("--case-timeout", type=float, default=DEFAULT_CASE_TIMEOUT,
@@ -415,10 +528,18 @@ def main(argv: list[str] | None = None) -> int:
                              "file name)")
     parser.add_argument("--seed", type=int,
                         help="seed of the cases' inputs (default: a random one, printed)")
+    parser.add_argument("--borrowed", choices=sorted(BORROWED_POLICIES), default="score",
+                        help="what an answer that uses minipeft's own implementation scores: "
+                             + "; ".join(f"{k}: {v}" for k, v in BORROWED_POLICIES.items())
+                             + " (default: score)")
+    parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) // 2),
+                        help="a folder: submissions graded at a time (default: half the cores)")
     args = parser.parse_args(argv)
+    if Path(args.notebook).is_dir():
+        return _main_folder(parser, args)
     try:
         grade = grade_notebook(args.notebook, args.assignment, args.seed, args.cell_timeout,
-                               args.case_timeout)
+                               args.case_timeout, args.borrowed)
     except ValueError as e:
         parser.error(str(e))
     print(f"{grade.notebook}: assignment {grade.assignment}, seed {grade.seed}, graded in "
@@ -435,6 +556,30 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps(grade.to_json(), indent=1, ensure_ascii=False) + "\n")
     if args.csv:
         grade.write_csv(args.csv)
+    return 0
+
+
+def _main_folder(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    folder = Path(args.notebook)
+    try:
+        seed, results = grade_folder(folder, args.assignment, args.seed, args.cell_timeout,
+                                     args.case_timeout, args.borrowed, max(1, args.jobs))
+    except ValueError as e:
+        parser.error(str(e))
+    rows = gradebook_rows(results, seed)
+    print(f"{folder}: {len(rows)} submissions, seed {seed}, borrowed answers: {args.borrowed}")
+    for row in rows:
+        verdict = (f"error: {row['error']}" if row["error"] else
+                   f"{row['score']} / {row['max_score']}"
+                   + (f"  ⚑ borrowed: {row['borrowed']}" if row["borrowed"] else ""))
+        print(f"  {row['submission']}: {verdict}")
+    if args.json:
+        report = {"seed": seed, "borrowed_policy": args.borrowed,
+                  "submissions": {name: grade.to_json() if isinstance(grade, Grade)
+                                  else {"error": grade} for name, grade in results.items()}}
+        args.json.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+    if args.csv:
+        _write_gradebook(rows, args.csv)
     return 0
 
 

@@ -134,3 +134,21 @@ def test_check_reports_drift_and_write_fixes_it(tmp_path, capsys):
     assert exercises.main(args) == 0
     assert exercises.main([*args, "--check"]) == 0
     assert not (target / "99_orphan.ipynb").exists()
+
+
+@pytest.mark.parametrize("name", notebooks())
+def test_exercise_set_up_cells_import_nothing_the_learner_writes(name):
+    """An exercise notebook imports the course runtime, `check` and data tables (NF4_CODE), never a
+    minipeft function that does what an exercise asks for."""
+    import ast
+
+    allowed = {"course", "check", "NF4_CODE"}
+    nb = nbformat.read(EXERCISES_DIR / f"{name}.ipynb", as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        for node in ast.walk(ast.parse(cell.source)):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("minipeft"):
+                assert {a.name for a in node.names} <= allowed, (name, ast.unparse(node))
+            if isinstance(node, ast.Import):
+                assert not any(a.name.startswith("minipeft.") for a in node.names), (name, ast.unparse(node))

@@ -7,13 +7,16 @@ command is run on a notebook that loops, prints, raises, tampers with minipeft a
 from __future__ import annotations
 
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from minipeft.course import feedback
+from minipeft.course import feedback, training
 from minipeft.course.checks import EXERCISES
 from minipeft.course.feedback import (ERROR, FAIL, NOT_ATTEMPTED, PASS, Answer, check, evaluate)
+from minipeft.lora import LoraLinear
 from minipeft.quant import NF4_CODE
 
 # ---------------------------------------------------------------- learner-style answers, right and wrong
@@ -39,7 +42,24 @@ def train_step(model, batch, optimizer):
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
-    return loss  # a 0-d tensor is accepted as a number
+    return loss.item()
+
+
+def train_step_returning_a_tensor(model, batch, optimizer):
+    model.train()
+    loss = model(**batch).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return loss
+
+
+def train_step_loss_after_update(model, batch, optimizer):
+    model.train()
+    model(**batch).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return model(**batch).loss.item()
 
 
 def train_step_no_zero_grad(model, batch, optimizer):
@@ -123,6 +143,8 @@ def merge_in_place(W0, A, B, alpha, r):
 # (exercise, wrong answer, words of the hint it must earn)
 WRONG = [
     ("train_step", train_step_no_zero_grad, "zero_grad"),
+    ("train_step", train_step_returning_a_tensor, "Return the loss as a Python float"),
+    ("train_step", train_step_loss_after_update, "not a new forward pass"),
     ("train_step", train_step_no_step, "optimizer.step()"),
     ("train_step", train_step_zero_grad_too_early, "optimizer.step()"),
     ("train_step", train_step_eval_mode, "model.train()"),
@@ -290,3 +312,68 @@ def test_statuses_summarise_an_exercise():
     assert feedback.ExerciseResult("e", cases).status == "1 failing"
     assert feedback.ExerciseResult("e", [feedback.CaseResult("a", NOT_ATTEMPTED)] * 3).status == NOT_ATTEMPTED
     assert Answer("ok").outputs == {}
+
+
+# ---------------------------------------------------------------- borrowed answers
+
+def _quantize_by_hand(x, blocksize):
+    return NF4_CODE.sum() * 0 + x.sum()           # uses a minipeft constant: not borrowing
+
+
+def _quantize_with_minipeft(x, blocksize):
+    from minipeft.quant import quantize_nf4        # an import inside the function
+    packed, state = quantize_nf4(x, blocksize)
+    return packed.view(-1), state.absmax
+
+
+def _helper(x, blocksize):
+    return _quantize_with_minipeft(x, blocksize)
+
+
+def _quantize_through_a_helper(x, blocksize):
+    return _helper(x, blocksize)
+
+
+def _train_step_with_minipeft(model, batch, optimizer):
+    return training.train_step(model, batch, optimizer)
+
+
+@pytest.mark.parametrize("solution, uses", [
+    (_quantize_by_hand, []),
+    (_quantize_with_minipeft, ["minipeft.quant.quantize_nf4"]),
+    (_quantize_through_a_helper, ["minipeft.quant.quantize_nf4"]),
+    (_train_step_with_minipeft, ["minipeft.course.training.train_step"]),
+    (lambda W0, A, B, alpha, r: LoraLinear, ["minipeft.lora.LoraLinear"]),
+])
+def test_borrowed_names_what_minipeft_an_answer_uses(solution, uses):
+    assert feedback.borrowed(solution) == uses
+
+
+def test_check_flags_a_borrowed_answer_that_passes(capsys):
+    check("quantize_nf4_blockwise", _quantize_with_minipeft)
+    out = capsys.readouterr().out
+    assert out.startswith("✓ quantize_nf4_blockwise: all 5 cases pass")
+    assert "⚑ quantize_nf4_blockwise uses minipeft's own minipeft.quant.quantize_nf4" in out
+    check("lora_forward", lora_forward)
+    assert "⚑" not in capsys.readouterr().out
+
+
+def test_case_names_and_error_hints_belong_to_their_function():
+    merge_names = [c.name for c in feedback.cases_for(EXERCISES["merge"], seed=0)]
+    assert not any("input" in name for name in merge_names)
+    assert all(" x " not in hint and "x @" not in hint
+               for _, hint in EXERCISES["merge"].error_hints)
+    result = evaluate("merge", lambda W0, A, B, alpha, r: W0 + (alpha / r) * A @ B)
+    assert any("B @ A is (out, in)" in c.hint for c in result.cases if c.status != PASS)
+
+
+def test_a_wrong_nf4_byte_is_shown_with_its_codes_and_values():
+    def swapped(x, blocksize):
+        from minipeft.course.checks.lesson06 import _reference_quantize
+        packed, absmax = _reference_quantize(x, blocksize)
+        return (packed << 4) | (packed >> 4), absmax
+
+    message = next(c.message for c in evaluate("quantize_nf4_blockwise", swapped).cases
+                   if c.status == FAIL)
+    assert re.search(r"expected \d+ \(0x[0-9A-F]{2}: codes \d+ and \d+, i\.e\. [+-]\d\.\d{4} and "
+                     r"[+-]\d\.\d{4} times the absmax\), got \d+ \(0x", message), message

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
+from pathlib import Path
 
 import nbformat
 import pytest
@@ -16,6 +18,8 @@ from minipeft.course import grader
 from minipeft.course.checks import EXERCISES
 from minipeft.course.feedback import ERROR, MISSING, NO_ANSWER, cases_for, judge
 from minipeft.course.grader import read_answer
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def merge_in_place(W0, A, B, alpha, r):
@@ -84,13 +88,14 @@ def test_grading_a_hostile_notebook_still_scores_what_works(tmp_path, capsys):
     assert result["assignment"] == "02_lora" and result["seed"] == 11
     by_name = {e["name"]: e for e in result["exercises"]}
     assert by_name["lora_forward"]["passed"] == by_name["lora_forward"]["total"] == 5
+    assert all(e["borrowed"] == [] for e in result["exercises"])
     assert by_name["merge"]["passed"] == 1  # only the fresh adapter (B = 0) case: W0 unchanged there
     assert all(c["status"] == ERROR and "1 s limit" in c["message"] for c in by_name["lora_param_count"]["cases"])
     assert result["score"] == 6 and result["max_score"] == 15
 
     rows = list(csv.DictReader(out_csv.open()))
     assert [r["exercise"] for r in rows] == ["lora_forward", "merge", "lora_param_count", "total"]
-    assert rows[-1]["passed"] == "6" and rows[-1]["total"] == "15"
+    assert rows[-1]["points"] == "6" and rows[-1]["total"] == "15"
 
 
 def test_grading_refuses_what_it_cannot_grade(tmp_path):
@@ -100,3 +105,59 @@ def test_grading_refuses_what_it_cannot_grade(tmp_path):
     nbformat.write(new_notebook(), unnamed)
     with pytest.raises(ValueError, match="--assignment"):
         grader.grade_notebook(unnamed)
+
+
+BORROWING_NF4 = [
+    "import torch\nfrom minipeft import quant\nfrom minipeft.quant import NF4_CODE",
+    # borrowed: through a module, and through a helper of the notebook's own
+    "def quantize_nf4_blockwise(x, blocksize):\n"
+    "    packed, state = quant.quantize_nf4(x, blocksize)\n"
+    "    return packed.view(-1), state.absmax",
+    "def unpack(packed):\n    return quant.dequantize_nf4",
+    # written by hand (NF4_CODE, a constant, is fine)
+    "def dequantize_nf4_blockwise(packed, absmax, n, blocksize):\n"
+    "    codes = torch.stack([packed >> 4, packed & 15], dim=1).flatten()[:n].long()\n"
+    "    return NF4_CODE[codes] * absmax.repeat_interleave(blocksize)[:n]",
+]
+
+
+@pytest.mark.parametrize("policy, points", [("score", 5), ("zero", 0)])
+def test_a_borrowed_answer_is_flagged_in_every_format(tmp_path, capsys, policy, points):
+    path = tmp_path / "06_nf4-borrowed.ipynb"
+    nbformat.write(new_notebook(cells=[new_code_cell(c) for c in BORROWING_NF4]), path)
+    out_json, out_csv = tmp_path / "grade.json", tmp_path / "grade.csv"
+    assert grader.main([str(path), "--json", str(out_json), "--csv", str(out_csv), "--seed", "3",
+                        "--borrowed", policy]) == 0
+    printed = capsys.readouterr().out
+    assert "⚑ borrowed: minipeft.quant.quantize_nf4" in printed and f"policy {policy!r}" in printed
+    by_name = {e["name"]: e for e in json.loads(out_json.read_text())["exercises"]}
+    assert by_name["quantize_nf4_blockwise"]["borrowed"] == ["minipeft.quant.quantize_nf4"]
+    assert by_name["quantize_nf4_blockwise"]["passed"] == 5
+    assert by_name["quantize_nf4_blockwise"]["points"] == points
+    assert by_name["dequantize_nf4_blockwise"]["borrowed"] == []
+    rows = {r["exercise"]: r for r in csv.DictReader(out_csv.open())}
+    assert rows["quantize_nf4_blockwise"]["borrowed"] == "minipeft.quant.quantize_nf4"
+    assert rows["total"]["points"] == str(points + 5)
+
+
+def test_a_folder_of_submissions_makes_one_gradebook(tmp_path, capsys):
+    class_folder = tmp_path / "class"
+    (class_folder / "alice").mkdir(parents=True)
+    shutil.copy(ROOT / "solutions" / "06_nf4.ipynb", class_folder / "alice" / "06_nf4.ipynb")
+    nbformat.write(new_notebook(cells=[new_code_cell(c) for c in BORROWING_NF4]),
+                   class_folder / "bob-06_nf4.ipynb")
+    (class_folder / "carol-06_nf4.ipynb").write_text("{ not a notebook")
+    gradebook, report = tmp_path / "gradebook.csv", tmp_path / "gradebook.json"
+    assert grader.main([str(class_folder), "--csv", str(gradebook), "--json", str(report),
+                        "--seed", "5", "--jobs", "2"]) == 0
+    rows = {r["submission"]: r for r in csv.DictReader(gradebook.open())}
+    assert set(rows) == {"alice/06_nf4.ipynb", "bob-06_nf4.ipynb", "carol-06_nf4.ipynb"}
+    assert rows["alice/06_nf4.ipynb"]["score"] == rows["alice/06_nf4.ipynb"]["max_score"] == "10"
+    assert rows["alice/06_nf4.ipynb"]["quantize_nf4_blockwise"] == "5"
+    assert rows["bob-06_nf4.ipynb"]["borrowed"] == "quantize_nf4_blockwise"
+    assert rows["carol-06_nf4.ipynb"]["error"] and rows["carol-06_nf4.ipynb"]["score"] == ""
+    assert all(r["seed"] == "5" for r in rows.values())
+    submissions = json.loads(report.read_text())["submissions"]
+    assert submissions["alice/06_nf4.ipynb"]["score"] == 10 and "error" in submissions[
+        "carol-06_nf4.ipynb"]
+    assert "carol-06_nf4.ipynb: error:" in capsys.readouterr().out

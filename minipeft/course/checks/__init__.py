@@ -80,6 +80,8 @@ class Exercise:
     hint: str = ""                         # when no usual mistake explains a difference
     tolerance: float | None = None         # max |got - expected| / max |expected| for float
                                            # outputs; None: by dtype (feedback.TOLERANCE)
+    describe: Callable[[str, int], str] | None = None  # (output, integer value) -> what the
+                                           # value stands for, shown where an answer differs
 
 
 EXERCISES: dict[str, Exercise] = {}

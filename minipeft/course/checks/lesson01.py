@@ -67,7 +67,10 @@ def _run_train_step(train_step: Callable, inputs: Inputs) -> Outputs:
     outputs: Outputs = {}
     for step in range(inputs["steps"]):
         batch = {k.split(".", 1)[1]: v for k, v in inputs.items() if k.startswith(f"batch{step}.")}
-        outputs[f"loss returned by step {step + 1}"] = train_step(model, batch, optimizer)
+        loss = train_step(model, batch, optimizer)
+        if not isinstance(loss, float):  # the contract: a Python float, not a tensor
+            raise TypeError(f"train_step returned a {type(loss).__name__}, not a float")
+        outputs[f"loss returned by step {step + 1}"] = loss
     return outputs | {f"{name} after training": p for name, p in model.named_parameters()}
 
 
@@ -85,6 +88,15 @@ def _step_without_optimizer_step(model, batch, optimizer):
     loss.backward()
     optimizer.zero_grad()
     return loss.item()
+
+
+def _step_returning_the_loss_after_the_update(model, batch, optimizer):
+    model.train()
+    model(**batch).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    with torch.no_grad():
+        return model(**batch).loss.item()
 
 
 def _step_in_eval_mode(model, batch, optimizer):
@@ -111,8 +123,16 @@ register(Exercise(
                 _step_without_zero_grad),
         Mistake("The loss differs from a training step's: call model.train() first. A pretrained "
                 "model comes in eval mode, and training switches dropout on.", _step_in_eval_mode),
+        Mistake("The weights are right but the loss is not the step's: return the loss the step "
+                "was computed from (before optimizer.step()), not a new forward pass of the "
+                "updated model.", _step_returning_the_loss_after_the_update),
     ),
     error_hints=(
+        (r"train_step returned a Tensor, not a float",
+         "Return the loss as a Python float: loss.item(). A tensor would keep the whole "
+         "computation graph of the step alive."),
+        (r"train_step returned a \w+, not a float",
+         "Return the loss of the step as a Python float: loss.item()."),
         (r"unexpected keyword argument",
          "The batch is a dict of input_ids, attention_mask and labels: "
          "model(**batch) passes them all, labels included."),

@@ -43,7 +43,8 @@ def _lora_cases(draw: Draw, with_input: bool) -> list[Case]:
 
     return [case("square layer", (3,), 8, 8, r=2, alpha=8),
             case("rank 1", (4,), 6, 5, r=1, alpha=3),
-            case("odd sizes and a 3-d input", (2, 3), 7, 13, r=3, alpha=5),
+            case("odd sizes and a 3-d input" if with_input else "odd sizes", (2, 3), 7, 13, r=3,
+                 alpha=5),
             case("bf16", (5,), 16, 12, r=4, alpha=16, dtype=torch.bfloat16),
             case("fresh adapter (B = 0)", (3,), 9, 4, r=2, alpha=4, fresh=True)]
 
@@ -58,10 +59,14 @@ def _reference_lora_forward(x, W0, b, A, B, alpha, r):
     return _lora_layer(W0, b, A, B, alpha, r)(x)
 
 
+SHAPE_ERROR = r"cannot be multiplied|size mismatch|must match the size|shape .* is invalid"
 LORA_ERROR_HINTS = (
-    (r"cannot be multiplied|size mismatch|must match the size|shape .* is invalid",
-     "Check each matrix's orientation: x is (..., in), W0 is (out, in), A is (r, in), "
-     "B is (out, r). So x @ W0.T and x @ A.T @ B.T are both (..., out)."),
+    (SHAPE_ERROR, "Check each matrix's orientation: x is (..., in), W0 is (out, in), A is (r, in), "
+                  "B is (out, r). So x @ W0.T and x @ A.T @ B.T are both (..., out)."),
+)
+MERGE_ERROR_HINTS = (
+    (SHAPE_ERROR, "Check each matrix's orientation: W0 is (out, in), A is (r, in), B is (out, r). "
+                  "So B @ A is (out, in), the shape of W0."),
 )
 
 register(Exercise(
@@ -142,7 +147,7 @@ register(Exercise(
         Mistake("The update is B @ A, shaped like W0 (out x in); A.T @ B.T is its transpose.",
                 lambda W0, A, B, alpha, r: W0 + (alpha / r) * (A.T @ B.T)),
     ),
-    error_hints=LORA_ERROR_HINTS,
+    error_hints=MERGE_ERROR_HINTS,
     hint="W = W0 + (alpha / r) B @ A, in W0's dtype, as a new tensor.",
 ))
 

@@ -119,6 +119,15 @@ def _quantize_without_scaling(x, blocksize):
     return _pack(torch.bucketize(x.float().flatten().clamp(-1, 1), NF4_MIDPOINTS)), absmax
 
 
+def _describe_packed_byte(output: str, value: int) -> str:
+    """A packed NF4 byte as its two codes, and what they decode to (times the block's absmax)."""
+    if output != "packed":
+        return ""
+    high, low = value >> 4, value & 15
+    return (f"0x{value:02X}: codes {high} and {low}, i.e. {NF4_CODE[high].item():+.4f} and "
+            f"{NF4_CODE[low].item():+.4f} times the absmax")
+
+
 register(Exercise(
     name="quantize_nf4_blockwise",
     notebook="06_nf4",
@@ -151,6 +160,7 @@ register(Exercise(
     hint="Per block: absmax = max |x| (float32); v = x / absmax; q = index of the nearest NF4_CODE "
          "value; then two indices per byte, the first in the high nibble, an odd count padded with "
          "index 7.",
+    describe=_describe_packed_byte,
 ))
 
 
