@@ -42,7 +42,7 @@ import functools
 import math
 import os
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from torch import nn
@@ -273,8 +273,10 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | N
     # the kernels read raw float32 memory
     absmax = state.block_absmax().to(torch.float32).contiguous()
     flat = packed.contiguous().view(-1)
-    implementation = {"triton": _triton_dequantize, "c": _c_dequantize, "torch": _torch_dequantize,
-                      "reference": _reference_dequantize}
+    implementation = {
+        "reference": _reference_dequantize, "triton": _triton_dequantize,
+        "c": functools.partial(_dequantize_by_blocks, quant_c.dequantize_whole_blocks),
+        "torch": functools.partial(_dequantize_by_blocks, quant_cpu.dequantize_whole_blocks)}
     dequantize = implementation[_choose_backend(flat, backend, state.blocksize, dequantize=True)]
     values = dequantize(flat, absmax, state.numel, state.blocksize, dtype)
     return values.view(state.shape)
@@ -354,28 +356,20 @@ def _torch_quantize(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, t
     _check_finite(absmax)  # before the table lookup, which needs finite values
     midpoints = _on_device(NF4_MIDPOINTS, flat.device)
     quant_cpu.quantize_whole_blocks(blocks, absmax[:num_full], midpoints, codes[:full_end])
-    return _pack(codes[:n]), absmax
+    return _pack(codes), absmax
 
 
-def _torch_dequantize(flat: torch.Tensor, absmax: torch.Tensor, n: int, blocksize: int,
-                      dtype: torch.dtype) -> torch.Tensor:
-    """Whole blocks by the byte-pair table (minipeft.quant_cpu), a last partial block as the
-    reference.
-    """
+def _dequantize_by_blocks(whole_blocks: Callable, flat: torch.Tensor, absmax: torch.Tensor, n: int,
+                          blocksize: int, dtype: torch.dtype) -> torch.Tensor:
+    """Whole blocks by a fast path (`quant_cpu` or `quant_c`'s `dequantize_whole_blocks`), a last
+    partial block by the reference (blocksize is even, so that block starts on a byte)."""
     out = torch.empty(n, dtype=dtype, device=flat.device)
-    quant_cpu.dequantize_whole_blocks(flat, absmax, NF4_CODE, n // blocksize, blocksize, out)
-    _dequantize_last_partial_block(flat, absmax, n, blocksize, out)
-    return out
-
-
-def _c_dequantize(flat: torch.Tensor, absmax: torch.Tensor, n: int, blocksize: int,
-                  dtype: torch.dtype) -> torch.Tensor:
-    """Whole blocks by the C kernel (minipeft.quant_c), the last partial block as in the PyTorch
-    path.
-    """
-    out = torch.empty(n, dtype=dtype)
-    quant_c.dequantize_whole_blocks(flat, absmax, NF4_CODE, n // blocksize, blocksize, out)
-    _dequantize_last_partial_block(flat, absmax, n, blocksize, out)
+    num_full = n // blocksize
+    whole_blocks(flat, absmax, NF4_CODE, num_full, blocksize, out)
+    if num_full * blocksize < n:
+        out[num_full * blocksize:] = _reference_dequantize(
+            flat[num_full * blocksize // 2:], absmax[num_full:], n - num_full * blocksize,
+            blocksize, dtype)
     return out
 
 
@@ -387,18 +381,6 @@ def _triton_dequantize(flat: torch.Tensor, absmax: torch.Tensor, n: int, blocksi
                        dtype: torch.dtype) -> torch.Tensor:
     return quant_triton.dequantize(flat, absmax, n, blocksize, dtype,
                                    _on_device(NF4_CODE, flat.device))
-
-
-def _dequantize_last_partial_block(flat: torch.Tensor, absmax: torch.Tensor, n: int, blocksize: int,
-                                   out: torch.Tensor) -> None:
-    """Writes out[full_end:n], the values after the last whole block (nothing if n is whole
-    blocks).
-    """
-    num_full = n // blocksize
-    full_end = num_full * blocksize
-    if full_end < n:  # blocksize is even, so the partial block starts on a byte
-        out[full_end:] = _reference_dequantize(flat[full_end // 2:], absmax[num_full:],
-                                               n - full_end, blocksize, out.dtype)
 
 
 # -------------------------------------------------------------------------------- double quant
