@@ -19,7 +19,8 @@ and the exercise notebook `exercises/NN_name.ipynb` gets, at the marker's indent
         raise NotImplementedError()
 
 (nbgrader's own placeholder), which `minipeft.course.feedback.check` reports as "not attempted
-yet". The exercise also loses the solution's outputs and execution counts (learners start clean),
+yet". A concept check's answer, the second argument of a `quiz("name", answer)` line, becomes
+`...`, which `quiz` reads as "not answered yet" (it then shows the question). The exercise also loses the solution's outputs and execution counts (learners start clean),
 its `# NBVAL_...` markers (it has no outputs to compare: `make test` runs it under nbval-lax, where
 each check reports "not attempted"), and its Colab link points at exercises/.
 The output is a pure function of the solution notebook, written byte for byte the same every time.
@@ -37,11 +38,12 @@ import nbformat
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 PLACEHOLDER = ("# YOUR CODE HERE", "raise NotImplementedError()")
 NBVAL_MARKER = re.compile(r"^\s*# NBVAL_\w+\s*$")
+QUIZ_ANSWER = re.compile(r"^(\s*quiz\(\s*[\"']\w+[\"']\s*,\s*)(.+?)(\)\s*(#.*)?)$")
 
 
 def strip_solution(source: str, where: str) -> tuple[str, int]:
-    """`source` with every solution region replaced by the placeholder; also returns how many
-    regions there were.
+    """`source` with every solution region replaced by the placeholder and every quiz answer by
+    `...`; also returns how many of those there were.
     """
     lines, out, regions = source.split("\n"), [], 0
     inside_from = None
@@ -60,6 +62,9 @@ def strip_solution(source: str, where: str) -> tuple[str, int]:
                 raise ValueError(f"{where}, line {number}: {END!r} without a {BEGIN!r} before it. "
                                  f"Add the {BEGIN!r} line above the solution code.")
             inside_from = None
+        elif inside_from is None and QUIZ_ANSWER.match(line):
+            out.append(QUIZ_ANSWER.sub(r"\1...\3", line))
+            regions += 1
         elif inside_from is None and not NBVAL_MARKER.match(line):
             out.append(line)
     if inside_from is not None:

@@ -11,23 +11,31 @@ for a case that fails, what was expected, what came back, and a hint about the u
 behind it. A function that still raises NotImplementedError (the placeholder of exercises/) is
 "not attempted yet"; any other exception is reported in one line, never as a traceback.
 
-The same judging (`answer`, `judge`) grades whole notebooks in `minipeft.course.grader`.
+Concept checks are asked the same way, with the learner's answer in the call:
+
+    quiz("adam_bytes", ...)       # shows the question (and, in JupyterLab or Colab, a widget to
+                                  # try answers)
+    quiz("adam_bytes", 16)        # says whether 16 is right, and why
+
+The same judging (`answer`, `judge`, `judge_question`) grades whole notebooks in
+`minipeft.course.grader`.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import numbers
 import re
 import sys
 import types
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
 
-from minipeft.course.checks import EXERCISES, Case, Draw, Exercise, Outputs
+from minipeft.course.checks import (EXERCISES, QUESTIONS, Case, Draw, Exercise, Outputs,
+                                    Question)
 # Relative tolerance on float tensors and numbers:
 # max |got - expected| <= TOLERANCE * max |expected|.
 TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
@@ -103,11 +111,13 @@ def answer(exercise: Exercise, solution: Callable, case: Case) -> Answer:
     """Run `solution` on one case; exceptions become an Answer.
 
     One CPU thread, in every process: the cases are tiny (threads only cost time, a lot of it on a
-    busy machine) and one thread sums in the same order everywhere. The caller's thread count and
+    busy machine) and one thread sums in the same order everywhere. An exercise whose cases train
+    a model (`Exercise.seconds`) keeps all threads. The caller's thread count and
     random state are restored afterwards.
     """
+    threads = _one_thread() if exercise.seconds is None else contextlib.nullcontext()
     try:
-        with _one_thread(), torch.random.fork_rng(devices=[]):
+        with threads, torch.random.fork_rng(devices=[]):
             outputs = exercise.run(solution, _fresh(case.inputs))
     except NotImplementedError:
         return Answer(NOT_ATTEMPTED)
@@ -116,7 +126,7 @@ def answer(exercise: Exercise, solution: Callable, case: Case) -> Answer:
     return Answer(ANSWERED, {key: _portable(value) for key, value in outputs.items()})
 
 
-@contextmanager
+@contextlib.contextmanager
 def _one_thread() -> Iterator[None]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -154,9 +164,16 @@ def _code_names(code: types.CodeType) -> set[str]:
     return names
 
 
+def borrowed_in(exercise: Exercise, solution: Callable) -> list[str]:
+    """`borrowed(solution)`, less what the exercise allows (e.g. the course's training loop)."""
+    return [name for name in borrowed(solution) if not name.startswith(exercise.allowed)]
+
+
 def borrowed(solution: Callable) -> list[str]:
     """The minipeft functions and classes `solution` uses, directly, through a module
-    (`quant.quantize_nf4`), an import inside it, or the notebook's own helpers it calls.
+    (`quant.quantize_nf4`), an import inside it, or the notebook's own helpers it calls; for a
+    class, also its minipeft base classes and its methods; for a built model, minipeft's layers in
+    it.
 
     Checks judge behaviour, so an answer that calls minipeft's own implementation of what the
     exercise asks for passes them; this names it, so that the learner (in `check`) and the
@@ -168,10 +185,19 @@ def borrowed(solution: Callable) -> list[str]:
     todo = [solution]
     while todo:
         function = todo.pop()
-        code, scope = getattr(function, "__code__", None), getattr(function, "__globals__", {})
-        if code is None or id(function) in seen:
+        if id(function) in seen:
             continue
         seen.add(id(function))
+        if isinstance(function, type):             # a class: its minipeft bases, its methods
+            found.update(filter(None, map(_minipeft_callable, function.__mro__[1:])))
+            todo += [v for v in vars(function).values() if isinstance(v, types.FunctionType)]
+            continue
+        if isinstance(function, torch.nn.Module):  # a built model: minipeft's layers in it
+            found.update(filter(None, (_minipeft_callable(type(m)) for m in function.modules())))
+            continue
+        code, scope = getattr(function, "__code__", None), getattr(function, "__globals__", {})
+        if code is None:
+            continue
         names = _code_names(code)
         for name in names:
             value = scope.get(name) if "." not in name else sys.modules.get(name)  # import a.b
@@ -182,6 +208,8 @@ def borrowed(solution: Callable) -> list[str]:
                 found.add(_minipeft_callable(value))
             elif isinstance(value, types.FunctionType) and value.__globals__ is scope:
                 todo.append(value)                           # a helper of the notebook's own
+            elif isinstance(value, type) and value.__module__ == scope.get("__name__"):
+                todo.append(value)                           # a class of the notebook's own
     return sorted(found)
 
 
@@ -209,16 +237,20 @@ def _index(flat: int, shape: torch.Size) -> str:
 
 
 def difference(expected: Outputs, got: Outputs, tolerance: float | None = None,
-               describe: Callable[[str, int], str] | None = None) -> Difference | None:
+               describe: Callable[[str, int], str] | None = None,
+               at_least: tuple[str, ...] = ()) -> Difference | None:
     """The first output of `got` that does not match `expected`, described; None when all match.
-    `describe(key, value)` says what an integer value of output `key` stands for."""
+    `describe(key, value)` says what an integer value of output `key` stands for; for the outputs
+    named in `at_least`, `expected` is a floor to reach."""
     for key, want in expected.items():
         have = got.get(key, Foreign("NoneType", "nothing"))
+        say = describe and (lambda value, key=key: describe(key, value))
         if isinstance(want, torch.Tensor):
-            found = _tensor_difference(want, have, tolerance,
-                                       describe and (lambda value, key=key: describe(key, value)))
+            found = _tensor_difference(want, have, tolerance, say)
+        elif key in at_least:
+            found = _floor_difference(want, have)
         else:
-            found = _number_difference(want, have, tolerance)
+            found = _number_difference(want, have, tolerance, say)
         if found:
             return Difference(key, found.kind, f"{key}: {found.message}")
     return None
@@ -263,18 +295,37 @@ def _tensor_difference(want: torch.Tensor, have: Any, tolerance: float | None,
                                f"got {have64.flatten()[i].item():.4g}")
 
 
-def _number_difference(want: float | int, have: Any,
-                       tolerance: float | None) -> Difference | None:
+def _as_number(have: Any) -> Any:
     if isinstance(have, torch.Tensor) and have.numel() == 1 and not have.dtype.is_complex:
-        have = have.item()  # a 0-d tensor where a number is expected is fine
+        return have.item()  # a 0-d tensor where a number is expected is fine
+    return have
+
+
+def _number_difference(want: float | int, have: Any, tolerance: float | None,
+                       describe: Callable[[int], str] | None = None) -> Difference | None:
+    have = _as_number(have)
     if not isinstance(have, (int, float)) or isinstance(have, bool):
-        return Difference("", "type", f"expected the number {_number(want)}, got {have}")
+        return Difference("", "type", f"expected the number {_number(want)}, got "
+                                      f"{shorten(str(have), 80)}")
     if isinstance(want, int):
         if have == want:
             return None
+        if describe and isinstance(have, int) and describe(want):
+            return Difference("", "value", f"expected {want} ({describe(want)}), "
+                                           f"got {have} ({describe(have)})")
     elif math.isclose(have, want, rel_tol=tolerance or NUMBER_TOLERANCE, abs_tol=1e-12):
         return None
     return Difference("", "value", f"expected {_number(want)}, got {_number(have)}")
+
+
+def _floor_difference(floor: float, have: Any) -> Difference | None:
+    have = _as_number(have)
+    if not isinstance(have, (int, float)) or isinstance(have, bool):
+        return Difference("", "type", f"expected a number of at least {_number(floor)}, got "
+                                      f"{shorten(str(have), 80)}")
+    if have >= floor:
+        return None
+    return Difference("", "value", f"expected at least {_number(floor)}, got {_number(have)}")
 
 
 @dataclass
@@ -290,6 +341,7 @@ class ExerciseResult:
     name: str
     cases: list[CaseResult]
     borrowed: list[str] = field(default_factory=list)  # minipeft callables the answer uses
+    kind: str = "exercise"                             # or "concept check"
 
     @property
     def passed(self) -> int:
@@ -303,6 +355,8 @@ class ExerciseResult:
     def status(self) -> str:
         """One word for the score table."""
         statuses = {c.status for c in self.cases}
+        if self.kind == "concept check":
+            return {PASS: "right", FAIL: "wrong"}.get(self.cases[0].status, self.cases[0].status)
         if statuses == {PASS}:
             return "all pass"
         for whole in (NOT_ATTEMPTED, MISSING, NO_ANSWER):
@@ -367,7 +421,8 @@ def judge(exercise: Exercise, cases: list[Case], answers: list[Answer]) -> Exerc
         if reference.status != ANSWERED:
             raise RuntimeError(f"the reference of {exercise.name!r} failed on case "
                                f"{case.name!r}: {reference}")
-    differences = [difference(ref.outputs, got.outputs, exercise.tolerance, exercise.describe)
+    differences = [difference(ref.outputs, got.outputs, exercise.tolerance, exercise.describe,
+                              exercise.at_least)
                    if got.status == ANSWERED else None
                    for ref, got in zip(expected, answers)]
     explains: list[list[bool]] = []
@@ -429,7 +484,7 @@ def evaluate(name: str, solution: Callable, seed: int = 0) -> ExerciseResult:
     exercise = EXERCISES[name]
     cases = cases_for(exercise, seed)
     result = judge(exercise, cases, [answer(exercise, solution, case) for case in cases])
-    result.borrowed = borrowed(solution)
+    result.borrowed = borrowed_in(exercise, solution)
     return result
 
 
@@ -438,3 +493,103 @@ def check(name: str, solution: Callable) -> None:
     report.
     """
     print(evaluate(name, solution).report())
+
+
+# --------------------------------------------------------------------------------------------------
+# Concept checks
+# --------------------------------------------------------------------------------------------------
+
+QUIZ_ANSWERS: dict[str, Any] = {}  # the answers given in this process, read by the grader's cell
+MAX_QUIZ_ANSWER_CHARS = 40
+
+
+def _matches(question: Question, given: Any, expected: Any) -> bool:
+    if isinstance(expected, str):
+        return isinstance(given, str) and given.strip().lower() == expected.lower()
+    if isinstance(given, bool) or not isinstance(given, numbers.Real):
+        return False
+    return math.isclose(float(given), float(expected), rel_tol=question.tolerance, abs_tol=1e-12)
+
+
+def judge_question(question: Question, given: Any) -> ExerciseResult:
+    """One concept check's answer as a one-case result (so tables and gradebooks count it)."""
+    if given is None or given is ...:
+        case = CaseResult("answer", NOT_ATTEMPTED, "not answered yet")
+    elif _matches(question, given, question.answer):
+        case = CaseResult("answer", PASS, question.why)
+    else:
+        explanation = next((text for wrong, text in question.wrong.items()
+                            if _matches(question, given, wrong)), question.otherwise)
+        if question.options is not None and not isinstance(given, str):
+            explanation = f"Answer with an option's letter: one of {', '.join(question.options)}."
+        elif question.options is None and isinstance(given, str):
+            explanation = "Answer with a number."
+        case = CaseResult("answer", FAIL, f"{shorten(repr(given), MAX_QUIZ_ANSWER_CHARS)} is not "
+                                          f"it", explanation)
+    return ExerciseResult(question.name, [case], kind="concept check")
+
+
+def question_text(question: Question, how_to_answer: bool = True) -> str:
+    lines = [f"? {question.name}: {question.text}"]
+    lines += [f"    {letter}) {text}" for letter, text in (question.options or {}).items()]
+    if how_to_answer:
+        example = f'"{next(iter(question.options))}"' if question.options else "a number"
+        lines.append(f'  Answer in this cell: quiz("{question.name}", {example}), then run it.')
+    return "\n".join(lines)
+
+
+def _quiz_report(question: Question, result: ExerciseResult) -> str:
+    case = result.cases[0]
+    if case.status == PASS:
+        return f"✓ {question.name}: right. {case.message}"
+    return f"✗ {question.name}: {case.message}. {case.hint}".rstrip()
+
+
+def quiz(name: str, given: Any = ...) -> None:
+    """Ask concept check `name`; with an answer, say whether it is right and why (and keep it for
+    the grader)."""
+    if name not in QUESTIONS:
+        raise ValueError(f"there is no concept check named {name!r}: the questions are "
+                         f"{sorted(QUESTIONS)}")
+    question = QUESTIONS[name]
+    result = judge_question(question, given)
+    if result.status == NOT_ATTEMPTED:
+        print(question_text(question))
+        _quiz_widget(question)
+        return
+    QUIZ_ANSWERS[name] = given
+    print(question_text(question, how_to_answer=False))
+    print(_quiz_report(question, result))
+
+
+def _quiz_widget(question: Question) -> None:
+    """In a live notebook (JupyterLab, Colab), buttons to try answers with instant feedback. Not
+    where outputs are kept (nbval, `make lessons`, the grader): there the question stays text."""
+    from minipeft.course.training import progress_mode
+
+    try:
+        import ipywidgets as widgets
+        from IPython import get_ipython
+        from IPython.display import display
+    except ImportError:
+        return
+    if progress_mode() != "live" or not hasattr(get_ipython(), "kernel"):
+        return
+    if question.options:
+        choice = widgets.ToggleButtons(options=list(question.options), value=None,
+                                       description="answer:")
+    else:
+        choice = widgets.FloatText(description="answer:")
+    verdict = widgets.Output()
+
+    def on_change(change: dict) -> None:
+        given = change["new"]
+        if question.options is None and float(given).is_integer():
+            given = int(given)
+        verdict.clear_output()
+        with verdict:
+            print(_quiz_report(question, judge_question(question, given)))
+            print(f'To hand it in, write quiz("{question.name}", {given!r}) in this cell.')
+
+    choice.observe(on_change, names="value")
+    display(widgets.VBox([choice, verdict]))

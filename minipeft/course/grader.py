@@ -24,6 +24,9 @@ How grading works, and what it protects against
 4. The grader reads those files (size-capped, data only) and judges them against the reference
    outputs it computes itself, in its own process, with minipeft as imported there.
 
+Concept checks (`feedback.quiz`) count one point each: the injected cell also reports the answers
+the notebook gave with `quiz`, as JSON data, and the grader judges them.
+
 So nothing the notebook does can change the expected outputs or the comparison: monkeypatching
 minipeft inside the kernel, printing endlessly, looping, raising, or exiting only ever changes the
 notebook's own answers. What this does not protect against: the kernel runs as the grading user,
@@ -61,10 +64,12 @@ from typing import Iterator
 
 import torch
 
-from minipeft.course.checks import EXERCISES, Case, Exercise, Outputs, exercises_of, notebooks
-from minipeft.course.feedback import (ANSWERED, ERROR, MISSING, NO_ANSWER, NOT_ATTEMPTED, PASS,
-                                      Answer, CaseTimeout, ExerciseResult, Foreign, answer,
-                                      borrowed, cases_for, judge, shorten)
+from minipeft.course.checks import (EXERCISES, Case, Exercise, Outputs, Question, exercises_of,
+                                    notebooks, questions_of)
+from minipeft.course.feedback import (ANSWERED, ERROR, MAX_QUIZ_ANSWER_CHARS, MISSING, NO_ANSWER,
+                                      NOT_ATTEMPTED, PASS, Answer, CaseTimeout, ExerciseResult,
+                                      Foreign, answer, borrowed_in, cases_for, judge, judge_question,
+                                      shorten)
 
 MAX_ANSWER_BYTES = 64 * 2**20     # an answer file bigger than this is ignored
 DEFAULT_CELL_TIMEOUT = 60         # seconds per notebook cell
@@ -87,9 +92,14 @@ def _case_file(exercise_index: int, case_index: int) -> str:
     return f"{exercise_index}-{case_index}.safetensors"
 
 
-def write_questions(path: Path, exercises: list[Exercise], cases: list[list[Case]]) -> None:
+QUIZ_FILE = "quiz.json"            # the concept checks' answers, as the kernel recorded them
+MAX_QUIZ_BYTES = 64 * 1024
+
+
+def write_questions(path: Path, exercises: list[Exercise], cases: list[list[Case]],
+                    questions: list[Question] = ()) -> None:
     """The cases' inputs for the kernel: tensors as tensors, everything else as JSON in the
-    metadata.
+    metadata, with the names of the concept checks to report.
     """
     from safetensors.torch import save_file
 
@@ -105,7 +115,8 @@ def write_questions(path: Path, exercises: list[Exercise], cases: list[list[Case
                 else:
                     values[key] = value
             plan[-1]["cases"].append({"name": case.name, "values": values})
-    save_file(tensors, str(path), metadata={"plan": json.dumps(plan)})
+    save_file(tensors, str(path), metadata={"plan": json.dumps(plan),
+                                            "quiz": json.dumps([q.name for q in questions])})
 
 
 def answer_questions(questions: str, answers_dir: str, namespace: dict,
@@ -121,9 +132,12 @@ def answer_questions(questions: str, answers_dir: str, namespace: dict,
 
     with safe_open(questions, framework="pt") as f:
         plan = json.loads(f.metadata()["plan"])
+        asked = json.loads(f.metadata().get("quiz", "[]"))
         tensors = {key: f.get_tensor(key) for key in f.keys()}
+    _write_quiz_answers(Path(answers_dir) / QUIZ_FILE, asked)
     for e, item in enumerate(plan):
-        uses = json.dumps(_borrowed_by(namespace.get(item["exercise"])))
+        uses = json.dumps(_borrowed_by(EXERCISES[item["exercise"]],
+                                       namespace.get(item["exercise"])))
         for c, spec in enumerate(item["cases"]):
             prefix = f"{e}/{c}/"
             inputs = spec["values"] | {k[len(prefix):]: v for k, v in tensors.items()
@@ -147,9 +161,35 @@ def answer_questions(questions: str, answers_dir: str, namespace: dict,
             os.replace(target.with_suffix(".tmp"), target)
 
 
-def _borrowed_by(solution: object) -> list[str]:
+def _write_quiz_answers(path: Path, asked: list[str]) -> None:
+    """The answers the notebook gave with `quiz` (numbers and strings; anything else as its repr)."""
+    from minipeft.course.feedback import QUIZ_ANSWERS
+
+    given = {name: QUIZ_ANSWERS[name] for name in asked if name in QUIZ_ANSWERS}
+    given = {name: value if isinstance(value, (str, int, float)) and not isinstance(value, bool)
+             else shorten(repr(value), MAX_QUIZ_ANSWER_CHARS) for name, value in given.items()}
+    path.write_text(json.dumps(given))
+
+
+def read_quiz_answers(path: Path) -> dict[str, str | int | float]:
+    """The kernel's quiz answers, read as data only (a missing or malformed file: none)."""
     try:
-        return borrowed(solution) if callable(solution) else []
+        if path.stat().st_size > MAX_QUIZ_BYTES:
+            return {}
+        given = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(given, dict):
+        return {}
+    return {name: shorten(value, MAX_QUIZ_ANSWER_CHARS) if isinstance(value, str) else value
+            for name, value in given.items()
+            if isinstance(name, str) and isinstance(value, (str, int, float))
+            and not isinstance(value, bool)}
+
+
+def _borrowed_by(exercise: Exercise, solution: object) -> list[str]:
+    try:
+        return borrowed_in(exercise, solution) if callable(solution) else []
     except Exception:  # a notebook that broke the detector is not flagged for it
         return []
 
@@ -158,9 +198,10 @@ def _answer_case(name: str, case: Case, namespace: dict, case_timeout: float) ->
     solution = namespace.get(name)
     if not callable(solution):
         return Answer(MISSING, error=f"the notebook defines no function named {name}")
+    exercise = EXERCISES[name]
     try:
-        with _time_limit(case_timeout):
-            return answer(EXERCISES[name], solution, case)
+        with _time_limit(max(case_timeout, exercise.seconds or 0)):
+            return answer(exercise, solution, case)
     except CaseTimeout as e:  # the alarm went off just after the call returned
         return Answer(ERROR, error=str(e))
 
@@ -249,13 +290,16 @@ class Grade:
         return sum(e.total for e in self.exercises)
 
     def table(self) -> str:
-        width = max([len("exercise"), *(len(e.name) for e in self.exercises)])
+        width = max([len("exercise"), *(len(e.name) + 2 for e in self.exercises)])
         lines = [f"{'exercise':<{width}}  points  status"]
         for e in self.exercises:
             flag = f"  ⚑ borrowed: {', '.join(e.borrowed)}" if e.borrowed else ""
-            lines.append(f"{e.name:<{width}}  {self.points(e):>2} / {e.total:<2} {e.status}{flag}")
+            name = e.name if e.kind == "exercise" else f"? {e.name}"
+            lines.append(f"{name:<{width}}  {self.points(e):>2} / {e.total:<2} {e.status}{flag}")
         percent = 100 * self.score / self.max_score if self.max_score else 0
         lines.append(f"{'total':<{width}}  {self.score:>2} / {self.max_score:<2} {percent:.0f} %")
+        if any(e.kind != "exercise" for e in self.exercises):
+            lines.append("? a concept check: one point for the right answer")
         if any(e.borrowed for e in self.exercises):
             lines.append(f"⚑ borrowed: the answer uses minipeft's own implementation; policy "
                          f"{self.borrowed_policy!r} ({BORROWED_POLICIES[self.borrowed_policy]})")
@@ -266,7 +310,8 @@ class Grade:
                 "score": self.score, "max_score": self.max_score,
                 "borrowed_policy": self.borrowed_policy, "seconds": round(self.seconds, 1),
                 "notebook_problems": self.notebook_problems,
-                "exercises": [{"name": e.name, "points": self.points(e), "passed": e.passed,
+                "exercises": [{"name": e.name, "kind": e.kind, "points": self.points(e),
+                               "passed": e.passed,
                                "total": e.total, "status": e.status, "borrowed": e.borrowed,
                                "cases": [asdict(c) for c in e.cases]}
                               for e in self.exercises]}
@@ -274,12 +319,12 @@ class Grade:
     def write_csv(self, path: Path) -> None:
         with open(path, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["notebook", "assignment", "exercise", "points", "passed", "total",
-                             "status", "borrowed"])
+            writer.writerow(["notebook", "assignment", "exercise", "kind", "points", "passed",
+                             "total", "status", "borrowed"])
             for e in self.exercises:
-                writer.writerow([self.notebook, self.assignment, e.name, self.points(e), e.passed,
-                                 e.total, e.status, "; ".join(e.borrowed)])
-            writer.writerow([self.notebook, self.assignment, "total", self.score, "",
+                writer.writerow([self.notebook, self.assignment, e.name, e.kind, self.points(e),
+                                 e.passed, e.total, e.status, "; ".join(e.borrowed)])
+            writer.writerow([self.notebook, self.assignment, "total", "", self.score, "",
                              self.max_score, "", ""])
 
 
@@ -402,8 +447,8 @@ def grade_notebook(path: str | Path, assignment: str | None = None, seed: int | 
         raise ValueError(f"no notebook at {path}: pass the path of a submitted .ipynb file")
     nb = nbformat.read(path, as_version=4)
     assignment = assignment or assignment_of(nb, path)
-    exercises = exercises_of(assignment)
-    if not exercises:
+    exercises, questions = exercises_of(assignment), questions_of(assignment)
+    if not exercises and not questions:
         raise ValueError(f"no exercises are registered for {assignment!r}: choose one of "
                          f"{notebooks()}")
     seed = secrets.randbelow(2**31) if seed is None else seed
@@ -411,21 +456,24 @@ def grade_notebook(path: str | Path, assignment: str | None = None, seed: int | 
 
     workdir = Path(tempfile.mkdtemp(prefix="minipeft-grading-"))
     try:
-        questions, answers_dir = workdir / "questions.safetensors", workdir / "answers"
+        questions_file, answers_dir = workdir / "questions.safetensors", workdir / "answers"
         answers_dir.mkdir()
-        write_questions(questions, exercises, cases)
+        write_questions(questions_file, exercises, cases, questions)
         harness = (f"import minipeft.course.grader\n"
-                   f"minipeft.course.grader.answer_questions({str(questions)!r}, "
+                   f"minipeft.course.grader.answer_questions({str(questions_file)!r}, "
                    f"{str(answers_dir)!r}, globals(), {case_timeout!r})")
-        n_cases = sum(map(len, cases))
+        case_seconds = sum(len(c) * max(case_timeout, e.seconds or 0)
+                           for e, c in zip(exercises, cases))
         problems = run_notebook(nb, path.parent.resolve(), harness, cell_timeout,
-                                harness_timeout=60 + n_cases * case_timeout)
+                                harness_timeout=60 + case_seconds)
         results = []
         for e, (exercise, exercise_cases) in enumerate(zip(exercises, cases)):
             answers = [read_answer(answers_dir / _case_file(e, c))
                        for c in range(len(exercise_cases))]
             results.append(judge(exercise, exercise_cases, answers))
             results[-1].borrowed = sorted({name for a in answers for name in a.borrowed})
+        given = read_quiz_answers(answers_dir / QUIZ_FILE)
+        results += [judge_question(q, given.get(q.name)) for q in questions]
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return Grade(str(path), assignment, seed, results, problems, time.perf_counter() - start,

@@ -15,11 +15,15 @@ with `check`), and `minipeft.course.grader` grades whole notebooks. Each exercis
   nibbles swapped, ...). When a learner's outputs match one of them, its hint explains the slip.
   This is how a check diagnoses behaviour without reading source code.
 
+A `Question` is a concept check: multiple choice or a number, with an explanation for the right
+answer and for each usual wrong one (`feedback.quiz` asks it; the grader counts it).
+
 Each lesson's exercises live in their own file here, `lessonNN.py`, found and imported when this
 package is. Adding the exercise of a new lesson touches no shared file: write
 `solutions/NN_name.ipynb` (solution code between `### BEGIN SOLUTION` / `### END SOLUTION`, then a
 cell `check("name", name)`), and a new `lessonNN.py` that `register`s an `Exercise` with
-`notebook="NN_name"`: a reference, a `run`, at least three cases, and the usual mistakes.
+`notebook="NN_name"`: a reference, a `run`, at least three cases, and the usual mistakes; then
+three to five `Question`s, each asked in the notebook with `quiz("name", answer)`.
 """
 from __future__ import annotations
 
@@ -82,17 +86,89 @@ class Exercise:
                                            # outputs; None: by dtype (feedback.TOLERANCE)
     describe: Callable[[str, int], str] | None = None  # (output, integer value) -> what the
                                            # value stands for, shown where an answer differs
+    at_least: tuple[str, ...] = ()         # outputs where the reference gives a floor to
+                                           # reach (an accuracy), not a value to equal
+    seconds: float | None = None           # a case that trains a model: its time limit in
+                                           # the grader, and it runs on all CPU threads
+    allowed: tuple[str, ...] = ()          # minipeft names (prefixes) an answer may use
+                                           # without being flagged as borrowed
+
+
+# A one-layer BERT classifier small enough for a check to build many times a second.
+TINY_BERT = dict(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                 intermediate_size=32, max_position_embeddings=16, num_labels=2)
+
+
+def tiny_bert_weights(draw: Draw, config: dict) -> Inputs:
+    """A case's inputs describing a freshly initialised BERT classifier: its config and weights
+    (drawn from the case's seed, not the caller's random state)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(draw.seed())
+        weights = BertForSequenceClassification(BertConfig(**config)).state_dict()
+    return {"config": config} | {f"weights.{k}": v for k, v in weights.items()}
+
+
+def tiny_bert(inputs: Inputs) -> torch.nn.Module:
+    """The BERT classifier that `tiny_bert_weights` described, in eval mode (as from_pretrained
+    returns it)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    model = BertForSequenceClassification(BertConfig(**inputs["config"]))
+    model.load_state_dict({k.removeprefix("weights."): v for k, v in inputs.items()
+                           if k.startswith("weights.")})
+    return model.eval()
+
+
+QuizAnswer = str | int | float   # a concept check's answer: an option's letter, or a number
+
+
+@dataclass(frozen=True)
+class Question:
+    """A concept check: a short question answered in the notebook with `quiz(name, answer)`.
+
+    Multiple choice when `options` is given (letters to texts; `answer` is a letter), else a
+    number (`answer` a number, right within `tolerance`, relative). `why` is shown with a right
+    answer; `wrong` explains the usual wrong ones (each option that is not the answer, for multiple
+    choice), `otherwise` any other.
+    """
+    name: str
+    notebook: str
+    text: str
+    answer: QuizAnswer
+    why: str
+    wrong: dict[QuizAnswer, str]
+    options: dict[str, str] | None = None
+    otherwise: str = ""
+    tolerance: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.options is not None:
+            unexplained = set(self.options) - set(self.wrong) - {self.answer}
+            if self.answer not in self.options or unexplained:
+                raise ValueError(f"question {self.name!r}: the answer must be an option, and "
+                                 f"every other option needs its explanation "
+                                 f"(missing: {sorted(unexplained)})")
 
 
 EXERCISES: dict[str, Exercise] = {}
+QUESTIONS: dict[str, Question] = {}
 
 
-def register(exercise: Exercise) -> Exercise:
-    if exercise.name in EXERCISES:
-        raise ValueError(f"an exercise named {exercise.name!r} is already registered: "
+def register(item: Exercise | Question) -> Exercise | Question:
+    """Add an exercise or a concept check; the names of both share one namespace (a gradebook
+    column each)."""
+    if item.name in EXERCISES or item.name in QUESTIONS:
+        raise ValueError(f"an exercise or question named {item.name!r} is already registered: "
                          "pick another name")
-    EXERCISES[exercise.name] = exercise
-    return exercise
+    (QUESTIONS if isinstance(item, Question) else EXERCISES)[item.name] = item
+    return item
+
+
+def questions_of(notebook: str) -> list[Question]:
+    """The concept checks of one notebook, in the order they were registered."""
+    return [q for q in QUESTIONS.values() if q.notebook == notebook]
 
 
 def exercises_of(notebook: str) -> list[Exercise]:

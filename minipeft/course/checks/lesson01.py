@@ -7,32 +7,13 @@ import torch
 from torch import nn
 
 from minipeft.course import training
-from minipeft.course.checks import Case, Draw, Exercise, Inputs, Mistake, Outputs, register
+from minipeft.course.checks import (TINY_BERT, Case, Draw, Exercise, Inputs, Mistake, Outputs,
+                                    Question, register, tiny_bert, tiny_bert_weights)
 from minipeft.memory import training_state_bytes
-
-TINY_BERT = dict(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                 intermediate_size=32, max_position_embeddings=16, num_labels=2)
-
-
-def _tiny_bert(config: dict, weights: dict[str, torch.Tensor]) -> nn.Module:
-    """A one-layer BERT classifier with the given weights, in eval mode (as from_pretrained returns
-    it).
-    """
-    from transformers import BertConfig, BertForSequenceClassification
-
-    model = BertForSequenceClassification(BertConfig(**config))
-    model.load_state_dict(weights)
-    return model.eval()
-
 
 def _train_step_cases(draw: Draw) -> list[Case]:
     def case(name: str, optimizer: str, steps: int, padded: bool) -> Case:
-        # the initial weights come from the seed, not the caller's RNG
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(draw.seed())
-            from transformers import BertConfig, BertForSequenceClassification
-            weights = BertForSequenceClassification(BertConfig(**TINY_BERT)).state_dict()
-        inputs: Inputs = {f"weights.{k}": v for k, v in weights.items()}
+        inputs: Inputs = tiny_bert_weights(draw, TINY_BERT)
         for step in range(steps):
             batch, length = 4, 6
             ids = torch.randint(1, TINY_BERT["vocab_size"], (batch, length),
@@ -57,8 +38,7 @@ def _run_train_step(train_step: Callable, inputs: Inputs) -> Outputs:
     """Build the model, batches and optimizer of a case; call train_step on each batch; collect
     losses and weights.
     """
-    model = _tiny_bert(inputs["config"], {k.removeprefix("weights."): v for k, v in inputs.items()
-                                          if k.startswith("weights.")})
+    model = tiny_bert(inputs)
     if inputs["optimizer"] == "adamw":
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
     else:
@@ -213,4 +193,78 @@ register(Exercise(
     hint="Weights: n_params x bytes_per_weight. Gradients: n_trainable x bytes_per_weight. "
          "Adam: n_trainable x 2 moments x 4 bytes (fp32). In fp32 with everything trainable that "
          "is 16 bytes per parameter.",
+))
+
+
+# --------------------------------------------------------------------------------------------------
+# Concept checks
+# --------------------------------------------------------------------------------------------------
+
+register(Question(
+    name="bytes_bf16_adam",
+    notebook="01_full_finetuning",
+    text="A parameter trains with bf16 weights and gradients, and AdamW keeps its two moments in "
+         "float32. How many bytes does it hold (activations aside)?",
+    answer=12,
+    why="2 (bf16 weight) + 2 (bf16 gradient) + 4 + 4 (the moments m and v in float32) = 12.",
+    wrong={16: "16 is the float32 figure: here the weight and its gradient are bf16, 2 bytes each.",
+           4: "That is the weight and its gradient; AdamW's two float32 moments add 8 bytes.",
+           8: "That is AdamW's two moments alone; add the bf16 weight and its gradient.",
+           2: "That is the weight alone: training also keeps a gradient and AdamW's two moments."},
+    otherwise="Add up the weight (bf16), its gradient (same dtype as the weight) and AdamW's two "
+              "moments (float32 each).",
+))
+
+register(Question(
+    name="zero_grad_forgotten",
+    notebook="01_full_finetuning",
+    text="A training loop never calls optimizer.zero_grad(). What happens?",
+    options={"a": "The loss cannot be computed after the first step.",
+             "b": "Each step's gradient is added to all the earlier ones, so every update uses "
+                  "their running sum.",
+             "c": "The weights stop changing after the first step.",
+             "d": "Nothing: optimizer.step() clears the gradients itself."},
+    answer="b",
+    why="backward() adds into .grad; without zero_grad() the old gradients pile up and the "
+        "updates grow and point the wrong way.",
+    wrong={"a": "The forward pass does not use .grad at all: the loss is computed as usual.",
+           "c": "They keep changing, by the wrong amounts: backward() adds each new gradient to "
+                "the old ones.",
+           "d": "step() only reads the gradients; clearing them is zero_grad()'s job."},
+))
+
+register(Question(
+    name="eval_mode",
+    notebook="01_full_finetuning",
+    text="Why does the accuracy measurement call model.eval() first?",
+    options={"a": "It stops PyTorch from computing gradients.",
+             "b": "It freezes the weights.",
+             "c": "It switches dropout off, so that predictions are deterministic and use the "
+                  "whole network.",
+             "d": "It moves the model to half precision."},
+    answer="c",
+    why="BERT's dropout zeroes random activations in training mode; eval() turns it off "
+        "(torch.no_grad() is what skips the gradients).",
+    wrong={"a": "That is torch.no_grad(): eval() changes how layers such as dropout behave.",
+           "b": "Weights are frozen with requires_grad_(False); eval() only changes layer "
+                "behaviour (dropout).",
+           "d": "eval() changes no dtype; .half() or .to(torch.bfloat16) would."},
+))
+
+register(Question(
+    name="new_head",
+    notebook="01_full_finetuning",
+    text="Loading BERT for two-label classification reports that the classifier's weights are "
+         "newly initialised. Why?",
+    options={"a": "The download failed and random weights were used instead.",
+             "b": "The pretrained checkpoint has no head for our two labels: it is created with "
+                  "random weights and must be trained.",
+             "c": "transformers re-initialises every layer when num_labels is given."},
+    answer="b",
+    why="Pretraining taught the encoder, not our task: the 384 x 2 head is new, which is why it "
+        "always trains (in lesson 3 too, with LoRA).",
+    wrong={"a": "The encoder's pretrained weights loaded fine; only the head is missing from the "
+                "checkpoint.",
+           "c": "Only the head is new: the encoder keeps its pretrained weights (lesson 1's "
+                "comparison with a randomly initialised BERT shows the difference)."},
 ))

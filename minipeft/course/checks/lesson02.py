@@ -6,7 +6,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from minipeft.course.checks import Case, Draw, Exercise, Inputs, Mistake, Outputs, register
+from minipeft.course.checks import (Case, Draw, Exercise, Inputs, Mistake, Outputs, Question,
+                                    register)
 from minipeft.lora import LoraConfig, LoraLinear
 from minipeft.memory import count_parameters
 
@@ -194,4 +195,68 @@ register(Exercise(
         Mistake("You counted B (out x r) only: A (r x in) trains too.", lambda i, o, r: r * o),
     ),
     hint="A is r x in and B is out x r: r x (in + out) parameters in all.",
+))
+
+
+# --------------------------------------------------------------------------------------------------
+# Concept checks
+# --------------------------------------------------------------------------------------------------
+
+register(Question(
+    name="which_starts_at_zero",
+    notebook="02_lora",
+    text="LoRA's update is (alpha / r) B A. How are A and B initialised, and why?",
+    options={"a": "B = 0 and A random: the update starts at exactly zero, so training starts from "
+                  "the pretrained model, and B still gets a gradient through A's random rows.",
+             "b": "Both at zero: the update starts at zero.",
+             "c": "Both random and small: a small random update does no harm."},
+    answer="a",
+    why="With B = 0 the model starts exactly as pretrained; A being random gives B's gradient "
+        "(which goes through A x) a direction from the first step.",
+    wrong={"b": "Then each matrix's gradient is multiplied by the other one, which is zero: "
+                "neither ever moves.",
+           "c": "Then the pretrained model's outputs change before any training: the run starts "
+                "from a perturbed model, not the pretrained one."},
+))
+
+register(Question(
+    name="query_lora_params",
+    notebook="02_lora",
+    text="LoRA at r = 8 on one 768 x 768 projection (BERT-base's query): how many parameters "
+         "train?",
+    answer=12_288,
+    why="A is 8 x 768 and B is 768 x 8: 2 x 768 x 8 = 12,288, 2 % of the 589,824 in the matrix.",
+    wrong={589_824: "That is the full matrix (768 x 768): LoRA trains A and B instead.",
+           6_144: "That is one of A (8 x 768) and B (768 x 8): both train.",
+           4_718_592: "A and B are added, not multiplied: 8 x 768 + 768 x 8.",
+           13_056: "LoRA's A and B have no bias: 2 x 768 x 8."},
+    otherwise="A is r x in and B is out x r: count both.",
+))
+
+register(Question(
+    name="doubling_r",
+    notebook="02_lora",
+    text="You raise r from 8 to 16 and keep alpha = 16. What happens to the scaling alpha / r?",
+    options={"a": "It stays 2.", "b": "It halves, from 2 to 1.", "c": "It doubles, from 2 to 4."},
+    answer="b",
+    why="alpha / r = 16 / 16 = 1: a larger rank with the same alpha shrinks each update, which is "
+        "why changing r usually means changing alpha (or the learning rate) too; lesson 2b's "
+        "rsLoRA scales by alpha / sqrt(r) instead.",
+    wrong={"a": "The scaling depends on r: alpha / r, so 16 / 16 = 1 at r = 16.",
+           "c": "r is in the denominator: a larger r gives a smaller alpha / r."},
+))
+
+register(Question(
+    name="merged_inference_cost",
+    notebook="02_lora",
+    text="After merging, W = W0 + (alpha / r) B A. What does inference cost compared with the "
+         "original layer?",
+    options={"a": "The same: one matrix product with a matrix the shape of W0.",
+             "b": "One extra low-rank product, x A^T B^T, per call.",
+             "c": "About twice as much: W0 and the update are applied separately."},
+    answer="a",
+    why="The update is folded into the weight: the merged layer is an ordinary Linear of the "
+        "same shape, so it costs exactly what the original did.",
+    wrong={"b": "That is the unmerged layer, during training. Merging folds B A into W.",
+           "c": "After merging there is a single weight W: nothing is applied separately."},
 ))
