@@ -397,7 +397,7 @@ def _safely(exercise: Exercise, solution: Callable, case: Case) -> Outputs | Non
     return result.outputs if result.status == ANSWERED else None
 
 
-def _explains(wrong: Outputs | None, got: Answer, found: Difference | None,
+def _explains(wrong: Outputs | None, expected: Outputs, got: Answer, found: Difference | None,
               tolerance: float | None) -> bool:
     """Does a mistake's output agree with the learner's: all of it where the learner is right, and
     the output that differs from the reference where the learner is wrong?"""
@@ -405,8 +405,12 @@ def _explains(wrong: Outputs | None, got: Answer, found: Difference | None,
         return False
     if found is None:
         return difference(wrong, got.outputs, tolerance) is None
-    key = found.key
-    return difference({key: wrong[key]}, {key: got.outputs.get(key)}, tolerance) is None
+
+    def agree(a: Outputs, b: Outputs, key: str) -> bool:
+        return difference({key: a[key]}, {key: b.get(key)}, tolerance) is None
+
+    return all(agree(wrong, got.outputs, key) for key in expected
+               if key == found.key or agree(expected, got.outputs, key))
 
 
 def judge(exercise: Exercise, cases: list[Case], answers: list[Answer]) -> ExerciseResult:
@@ -429,8 +433,9 @@ def judge(exercise: Exercise, cases: list[Case], answers: list[Answer]) -> Exerc
     if any(d is not None for d in differences):
         for mistake in exercise.mistakes:
             wrong = [_safely(exercise, mistake.solution, case) for case in cases]
-            explains.append([_explains(w, got, found, exercise.tolerance)
-                             for w, got, found in zip(wrong, answers, differences)])
+            explains.append([_explains(w, ref.outputs, got, found, exercise.tolerance)
+                             for w, ref, got, found in zip(wrong, expected, answers,
+                                                           differences)])
 
     results = []
     for i, (case, got, found) in enumerate(zip(cases, answers, differences)):

@@ -13,7 +13,7 @@ import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 from minipeft.course import exercises, grader
-from minipeft.course.checks import exercises_of, notebooks
+from minipeft.course.checks import exercises_of, notebooks, questions_of
 
 ROOT = Path(__file__).resolve().parents[2]
 SOLUTIONS, EXERCISES_DIR = ROOT / "solutions", ROOT / "exercises"
@@ -31,6 +31,7 @@ def test_every_registered_exercise_has_its_notebooks_and_every_notebook_its_exer
                            if c.cell_type == "code")
         checked = re.findall(r'check\("(\w+)", (\w+)\)', source)
         assert [a for a, b in checked] == [b for a, b in checked] == [e.name for e in exercises_of(name)]
+        assert re.findall(r'quiz\("(\w+)"', source) == [q.name for q in questions_of(name)]
 
 
 @pytest.mark.parametrize("name", notebooks())
@@ -51,8 +52,9 @@ def test_solution_grades_full_and_exercise_grades_zero_not_attempted(name):
 
     shipped = grader.grade_notebook(EXERCISES_DIR / f"{name}.ipynb", seed=2024)
     assert shipped.assignment == name and shipped.score == 0
-    assert [e.status for e in shipped.exercises] == [grader.NOT_ATTEMPTED] * len(exercises_of(name))
-    assert shipped.max_score == solved.max_score >= 3 * len(exercises_of(name))
+    parts = len(exercises_of(name)) + len(questions_of(name))
+    assert [e.status for e in shipped.exercises] == [grader.NOT_ATTEMPTED] * parts
+    assert shipped.max_score == solved.max_score >= 3 * len(exercises_of(name)) + 3
 
 
 # ---------------------------------------------------------------- the generator itself
@@ -66,6 +68,13 @@ SOLVED = '''def f(x):
 
     # NBVAL_CHECK_OUTPUT
 print(f(1))'''
+
+
+def test_a_quiz_answer_becomes_an_ellipsis():
+    stripped, regions = exercises.strip_solution(
+        'quiz("doubling_r", "b")\nquiz(\'query_lora_params\', 12_288)  # 2 r n\nprint("quiz(")', "cell")
+    assert stripped == 'quiz("doubling_r", ...)\nquiz(\'query_lora_params\', ...)  # 2 r n\nprint("quiz(")'
+    assert regions == 2
 
 
 def test_strip_solution_keeps_indentation_and_uses_nbgraders_placeholder():
@@ -142,7 +151,9 @@ def test_exercise_set_up_cells_import_nothing_the_learner_writes(name):
     minipeft function that does what an exercise asks for."""
     import ast
 
-    allowed = {"course", "check", "NF4_CODE"}
+    allowed = {"course", "check", "quiz", "NF4_CODE", "DYNAMIC_CODE"}
+    if name == "03_lora":
+        allowed.add("training")  # lesson 1's loop, to train the layer the learner wrote
     nb = nbformat.read(EXERCISES_DIR / f"{name}.ipynb", as_version=4)
     for cell in nb.cells:
         if cell.cell_type != "code":

@@ -12,12 +12,13 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from minipeft.course import feedback, training
-from minipeft.course.checks import EXERCISES
-from minipeft.course.feedback import (ERROR, FAIL, NOT_ATTEMPTED, PASS, Answer, check, evaluate)
+from minipeft.course.checks import EXERCISES, QUESTIONS
+from minipeft.course.feedback import (ERROR, FAIL, NOT_ATTEMPTED, PASS, Answer, check, evaluate, quiz)
 from minipeft.lora import LoraLinear
-from minipeft.quant import NF4_CODE
+from minipeft.quant import DYNAMIC_CODE, NF4_CODE
 
 # ---------------------------------------------------------------- learner-style answers, right and wrong
 
@@ -124,7 +125,80 @@ def dequantize(packed, absmax, n, blocksize, *, nibbles="high first", scale="rep
     return NF4_CODE[q[:keep]] * per_value[:keep]
 
 
+class LoRALinear(nn.Module):
+    """A learner's LoRA layer, with switches for the usual mistakes."""
+
+    def __init__(self, base, r, alpha, *, B_init="zeros", A_init="random", scaling="alpha / r",
+                 freeze=True, name_A="A"):
+        super().__init__()
+        self.base = base
+        if freeze:
+            base.weight.requires_grad = False
+            base.bias.requires_grad = False
+        A = torch.zeros(r, base.in_features) if A_init == "zeros" else 0.01 * torch.randn(r, base.in_features)
+        B = torch.randn(base.out_features, r) if B_init == "random" else torch.zeros(base.out_features, r)
+        setattr(self, name_A, nn.Parameter(A))
+        self.B = nn.Parameter(B)
+        self.s = {"alpha / r": alpha / r, "none": 1, "alpha": alpha, "r / alpha": r / alpha}[scaling]
+
+    def forward(self, x):
+        return self.base(x) + self.s * (x @ self.A.T) @ self.B.T
+
+
+def inject_lora(model, r, alpha, *, names=("query", "value"), layer=LoRALinear, freeze="first", head=True,
+                whole_name=False, set_on_model=False):
+    """A learner's injection, with switches for the usual mistakes."""
+    if freeze == "first":
+        for p in model.parameters():
+            p.requires_grad = False
+    for name, module in list(model.named_modules()):
+        key = name if whole_name else name.split(".")[-1]
+        if isinstance(module, nn.Linear) and key in names:
+            if set_on_model:
+                setattr(model, name, layer(module, r, alpha))
+            else:
+                parent = model.get_submodule(name.rsplit(".", 1)[0])
+                setattr(parent, name.split(".")[-1], layer(module, r, alpha))
+    if freeze == "last":
+        model.requires_grad_(False)
+    if freeze != "never":
+        for p in model.classifier.parameters():
+            p.requires_grad = head
+    return model
+
+
+def double_quantize(absmax, *, centre="mean", blocksize=256, divide=True, table="dynamic"):
+    """A learner's double quantisation, with switches for the usual mistakes."""
+    offset = {"mean": absmax.mean(), "none": torch.tensor(0.0)}.get(centre)
+    centred = absmax - offset if centre != "per block" else torch.cat(
+        [b - b.mean() for b in absmax.split(blocksize)])
+    n = len(centred)
+    blocks = F.pad(centred, (0, -n % blocksize)).view(-1, blocksize)
+    absmax2 = blocks.abs().max(dim=1).values
+    v = (blocks / absmax2.clamp(min=1e-12)[:, None] if divide else blocks).flatten()[:n]
+    codes = ((v[:, None] - DYNAMIC_CODE).abs().argmin(1) if table == "dynamic"
+             else torch.round((v + 1) * 127.5)).to(torch.uint8)
+    if centre == "per block":
+        offset = torch.stack([b.mean() for b in absmax.split(blocksize)])
+    return codes, absmax2, offset
+
+
+def double_dequantize(codes, absmax2, offset, *, add_offset=True, spread="repeat_interleave", lookup=True,
+                      scale=True):
+    values = DYNAMIC_CODE[codes.long()] if lookup else codes.float()
+    per_code = getattr(absmax2, spread)(256)[:len(codes)]
+    return (values * per_code if scale else values) + (offset if add_offset else 0)
+
+
+def train_lora_without_training(model, tokenizer, data):
+    return inject_lora(model, 8, 16)
+
+
 RIGHT = {
+    "LoRALinear": LoRALinear,
+    "inject_lora": inject_lora,
+    "double_quantize": double_quantize,
+    "double_dequantize": double_dequantize,
     "train_step": train_step,
     "training_bytes": training_bytes,
     "lora_forward": lora_forward,
@@ -194,10 +268,38 @@ WRONG = [
      "exactly n values"),
     ("dequantize_nf4_blockwise", lambda p, a, n, bs: dequantize(p, a, n, bs, keep=lambda n, bs, m: n // bs * bs),
      "dequantise it too"),
+    ("LoRALinear", lambda base, r, alpha: LoRALinear(base, r, alpha, B_init="random"), "B starts random"),
+    ("LoRALinear", lambda base, r, alpha: LoRALinear(base, r, alpha, A_init="zeros"), "neither ever moves"),
+    ("LoRALinear", lambda base, r, alpha: LoRALinear(base, r, alpha, scaling="none"), "scaling seems to be"),
+    ("LoRALinear", lambda base, r, alpha: LoRALinear(base, r, alpha, scaling="alpha"), "You scaled by alpha"),
+    ("LoRALinear", lambda base, r, alpha: LoRALinear(base, r, alpha, scaling="r / alpha"), "not r / alpha"),
+    ("LoRALinear", lambda base, r, alpha: LoRALinear(base, r, alpha, freeze=False), "still trains"),
+    ("LoRALinear", lambda base, r, alpha: LoRALinear(base, r, alpha, name_A="lora_A"), "two attributes"),
+    ("inject_lora", lambda m, r, a: inject_lora(m, r, a, whole_name=True), "dotted names"),
+    ("inject_lora", lambda m, r, a: inject_lora(m, r, a, names=("query",)), "value projections too"),
+    ("inject_lora", lambda m, r, a: inject_lora(m, r, a, names=("query", "key")), "key projections"),
+    ("inject_lora", lambda m, r, a: inject_lora(m, r, a, freeze="never"), "base model still trains"),
+    ("inject_lora", lambda m, r, a: inject_lora(m, r, a, freeze="last"), "Nothing of LoRA trains"),
+    ("inject_lora", lambda m, r, a: inject_lora(m, r, a, head=False), "classifier head is new"),
+    ("inject_lora", lambda m, r, a: inject_lora(
+        m, r, a, layer=lambda b, r, a: LoRALinear(b, r, a, B_init="random")), "fix LoRALinear first"),
+    ("inject_lora", lambda m, r, a: inject_lora(m, r, a, set_on_model=True), "set the new layer on its parent"),
+    ("train_lora", train_lora_without_training, "loss went down"),
+    ("double_quantize", lambda a: double_quantize(a, centre="none"), "Subtract the mean"),
+    ("double_quantize", lambda a: double_quantize(a, centre="per block"), "One offset for the whole"),
+    ("double_quantize", lambda a: double_quantize(a, blocksize=len(a)), "blocks of 256"),
+    ("double_quantize", lambda a: double_quantize(a, divide=False), "Divide each centred value"),
+    ("double_quantize", lambda a: double_quantize(a, table="linear"), "dynamic map"),
+    ("double_dequantize", lambda c, a2, o: double_dequantize(c, a2, o, add_offset=False), "Add the offset back"),
+    ("double_dequantize", lambda c, a2, o: double_dequantize(c, a2, o, spread="repeat"), "repeat_interleave(256)"),
+    ("double_dequantize", lambda c, a2, o: double_dequantize(c, a2, o, lookup=False), "Look each code up"),
+    ("double_dequantize", lambda c, a2, o: double_dequantize(c, a2, o, scale=False), "Multiply by the block's"),
 ]
 
 
-@pytest.mark.parametrize("name", sorted(EXERCISES))
+# train_lora's right answer trains for half a minute: the solution notebook proves it passes (its
+# nbval run, and tests/course/test_exercises.py grades it at full marks).
+@pytest.mark.parametrize("name", sorted(set(EXERCISES) - {"train_lora"}))
 @pytest.mark.parametrize("seed", [0, 12345])
 def test_right_answers_pass_every_case(name, seed):
     result = evaluate(name, RIGHT[name], seed=seed)
@@ -222,7 +324,7 @@ def test_every_usual_mistake_is_reached_by_a_wrong_answer():
 
 
 def test_wrong_answers_cover_every_exercise():
-    assert {name for name, _, _ in WRONG} == set(EXERCISES)
+    assert {name for name, _, _ in WRONG} == set(EXERCISES) == set(RIGHT) | {"train_lora"}
 
 
 def test_each_exercise_has_three_cases_with_distinct_names():
@@ -377,3 +479,88 @@ def test_a_wrong_nf4_byte_is_shown_with_its_codes_and_values():
                    if c.status == FAIL)
     assert re.search(r"expected \d+ \(0x[0-9A-F]{2}: codes \d+ and \d+, i\.e\. [+-]\d\.\d{4} and "
                      r"[+-]\d\.\d{4} times the absmax\), got \d+ \(0x", message), message
+
+
+
+class _SubclassedLoRA(LoraLinear):
+    pass
+
+
+class _OwnLoRA(nn.Module):
+    def forward(self, x):
+        return _helper(x, 64)
+
+
+def _train_lora_with_the_course_loop(model, tokenizer, data):
+    training.train(model, tokenizer, data)
+    return model
+
+
+def test_borrowed_looks_into_classes_and_built_models():
+    assert feedback.borrowed(_SubclassedLoRA) == ["minipeft.lora.LoraLinear"]
+    assert feedback.borrowed(_OwnLoRA) == ["minipeft.quant.quantize_nf4"]   # through its method
+    assert feedback.borrowed(LoRALinear) == []
+    model = nn.Sequential(LoraLinear(nn.Linear(2, 2)))
+    assert feedback.borrowed(model) == ["minipeft.lora.LoraLinear"]
+    assert feedback.borrowed(nn.Sequential(nn.Linear(2, 2))) == []
+
+
+def test_an_exercise_may_allow_the_course_machinery():
+    """train_lora may use lesson 1's training loop; train_step may not."""
+    assert feedback.borrowed(_train_lora_with_the_course_loop) == ["minipeft.course.training.train"]
+    assert feedback.borrowed_in(EXERCISES["train_lora"], _train_lora_with_the_course_loop) == []
+    assert feedback.borrowed_in(EXERCISES["train_step"], _train_step_with_minipeft) == [
+        "minipeft.course.training.train_step"]
+
+
+def test_a_model_below_the_floor_fails_with_the_accuracy_it_reached():
+    message = next(c.message for c in evaluate("train_lora", train_lora_without_training).cases)
+    assert re.fullmatch(r"accuracy: expected at least 0\.9, got 0\.\d+", message), message
+
+
+# ---------------------------------------------------------------- concept checks
+
+@pytest.mark.parametrize("name", sorted(QUESTIONS))
+def test_a_right_answer_passes_and_each_wrong_one_gets_its_explanation(name):
+    question = QUESTIONS[name]
+    right = feedback.judge_question(question, question.answer)
+    assert right.status == "right" and right.cases[0].message == question.why
+    for wrong, explanation in question.wrong.items():
+        result = feedback.judge_question(question, wrong)
+        assert result.status == "wrong" and result.cases[0].hint == explanation, wrong
+    assert feedback.judge_question(question, ...).status == NOT_ATTEMPTED
+    if question.options:
+        assert set(question.wrong) == set(question.options) - {question.answer}
+        assert "letter" in feedback.judge_question(question, 2).cases[0].hint
+    else:
+        assert len(question.wrong) >= 2 and question.otherwise
+        assert feedback.judge_question(question, -123456).cases[0].hint == question.otherwise
+        assert "number" in feedback.judge_question(question, "a").cases[0].hint
+
+
+def test_every_notebook_has_three_to_five_concept_checks():
+    from minipeft.course.checks import notebooks, questions_of
+    assert all(3 <= len(questions_of(n)) <= 5 for n in notebooks())
+
+
+def test_quiz_shows_the_question_then_judges_and_keeps_the_answer(capsys):
+    feedback.QUIZ_ANSWERS.clear()
+    quiz("doubling_r", ...)
+    shown = capsys.readouterr().out
+    assert shown.startswith("? doubling_r: You raise r") and "b) It halves" in shown
+    assert 'quiz("doubling_r", "a"), then run it' in shown and feedback.QUIZ_ANSWERS == {}
+    quiz("doubling_r", "A")
+    assert "✗ doubling_r: 'A' is not it. The scaling depends on r" in capsys.readouterr().out
+    quiz("doubling_r", " b ")
+    assert "✓ doubling_r: right." in capsys.readouterr().out
+    assert feedback.QUIZ_ANSWERS == {"doubling_r": " b "}
+    quiz("double_quant_bits", 0.12695)                 # within the question's tolerance
+    assert "✓ double_quant_bits" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="no concept check named 'nope'"):
+        quiz("nope", 1)
+
+
+def test_a_question_must_explain_every_wrong_option():
+    from minipeft.course.checks import Question
+    with pytest.raises(ValueError, match=r"missing: \['c'\]"):
+        Question("q", "nb", "?", "a", "why", {"b": "no"}, options={"a": "1", "b": "2", "c": "3"})

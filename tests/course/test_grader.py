@@ -15,7 +15,7 @@ import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
 from minipeft.course import grader
-from minipeft.course.checks import EXERCISES
+from minipeft.course.checks import EXERCISES, questions_of
 from minipeft.course.feedback import ERROR, MISSING, NO_ANSWER, cases_for, judge
 from minipeft.course.grader import read_answer
 
@@ -91,11 +91,12 @@ def test_grading_a_hostile_notebook_still_scores_what_works(tmp_path, capsys):
     assert all(e["borrowed"] == [] for e in result["exercises"])
     assert by_name["merge"]["passed"] == 1  # only the fresh adapter (B = 0) case: W0 unchanged there
     assert all(c["status"] == ERROR and "1 s limit" in c["message"] for c in by_name["lora_param_count"]["cases"])
-    assert result["score"] == 6 and result["max_score"] == 15
+    assert result["score"] == 6 and result["max_score"] == 15 + 4  # 4 concept checks, unanswered
 
     rows = list(csv.DictReader(out_csv.open()))
-    assert [r["exercise"] for r in rows] == ["lora_forward", "merge", "lora_param_count", "total"]
-    assert rows[-1]["points"] == "6" and rows[-1]["total"] == "15"
+    assert [r["exercise"] for r in rows] == ["lora_forward", "merge", "lora_param_count",
+                                             *(q.name for q in questions_of("02_lora")), "total"]
+    assert rows[-1]["points"] == "6" and rows[-1]["total"] == "19"
 
 
 def test_grading_refuses_what_it_cannot_grade(tmp_path):
@@ -118,6 +119,11 @@ BORROWING_NF4 = [
     "def dequantize_nf4_blockwise(packed, absmax, n, blocksize):\n"
     "    codes = torch.stack([packed >> 4, packed & 15], dim=1).flatten()[:n].long()\n"
     "    return NF4_CODE[codes] * absmax.repeat_interleave(blocksize)[:n]",
+    # concept checks: one right, one wrong, one not answered, one unknown to the grader's table
+    "from minipeft.course.feedback import quiz\nquiz('nf4_bits_per_weight', 4.5)",
+    "quiz('block_of_value_70', 0)",
+    "quiz('why_normal_quantiles', ...)",
+    "quiz('doubling_r', 'b')",
 ]
 
 
@@ -137,7 +143,29 @@ def test_a_borrowed_answer_is_flagged_in_every_format(tmp_path, capsys, policy, 
     assert by_name["dequantize_nf4_blockwise"]["borrowed"] == []
     rows = {r["exercise"]: r for r in csv.DictReader(out_csv.open())}
     assert rows["quantize_nf4_blockwise"]["borrowed"] == "minipeft.quant.quantize_nf4"
-    assert rows["total"]["points"] == str(points + 5)
+    assert rows["total"]["points"] == str(points + 5 + 1)
+
+
+def test_concept_checks_count_in_every_format(tmp_path, capsys):
+    path = tmp_path / "06_nf4-quiz.ipynb"
+    nbformat.write(new_notebook(cells=[new_code_cell(c) for c in BORROWING_NF4]), path)
+    out_json, out_csv = tmp_path / "grade.json", tmp_path / "grade.csv"
+    assert grader.main([str(path), "--json", str(out_json), "--csv", str(out_csv), "--seed", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "? nf4_bits_per_weight        1 / 1  right" in printed
+    assert "? block_of_value_70          0 / 1  wrong" in printed
+    assert "? why_normal_quantiles       0 / 1  not attempted" in printed
+    assert "doubling_r" not in printed                 # another notebook's question: not counted
+    report = json.loads(out_json.read_text())
+    by_name = {e["name"]: e for e in report["exercises"]}
+    assert by_name["nf4_bits_per_weight"] | {"cases": None} == {
+        "name": "nf4_bits_per_weight", "kind": "concept check", "points": 1, "passed": 1, "total": 1,
+        "status": "right", "borrowed": [], "cases": None}
+    assert by_name["block_of_value_70"]["cases"][0]["hint"].startswith("Block 0 holds")
+    assert report["max_score"] == 24
+    rows = {r["exercise"]: r for r in csv.DictReader(out_csv.open())}
+    assert (rows["block_of_value_70"]["kind"], rows["block_of_value_70"]["points"]) == ("concept check", "0")
+    assert (rows["double_quantize"]["kind"], rows["double_quantize"]["status"]) == ("exercise", "missing")
 
 
 def test_a_folder_of_submissions_makes_one_gradebook(tmp_path, capsys):
@@ -152,12 +180,14 @@ def test_a_folder_of_submissions_makes_one_gradebook(tmp_path, capsys):
                         "--seed", "5", "--jobs", "2"]) == 0
     rows = {r["submission"]: r for r in csv.DictReader(gradebook.open())}
     assert set(rows) == {"alice/06_nf4.ipynb", "bob-06_nf4.ipynb", "carol-06_nf4.ipynb"}
-    assert rows["alice/06_nf4.ipynb"]["score"] == rows["alice/06_nf4.ipynb"]["max_score"] == "10"
+    assert rows["alice/06_nf4.ipynb"]["score"] == rows["alice/06_nf4.ipynb"]["max_score"] == "24"
+    assert rows["alice/06_nf4.ipynb"]["why_normal_quantiles"] == "1"
+    assert rows["bob-06_nf4.ipynb"]["nf4_bits_per_weight"] == "1"
     assert rows["alice/06_nf4.ipynb"]["quantize_nf4_blockwise"] == "5"
     assert rows["bob-06_nf4.ipynb"]["borrowed"] == "quantize_nf4_blockwise"
     assert rows["carol-06_nf4.ipynb"]["error"] and rows["carol-06_nf4.ipynb"]["score"] == ""
     assert all(r["seed"] == "5" for r in rows.values())
     submissions = json.loads(report.read_text())["submissions"]
-    assert submissions["alice/06_nf4.ipynb"]["score"] == 10 and "error" in submissions[
+    assert submissions["alice/06_nf4.ipynb"]["score"] == 24 and "error" in submissions[
         "carol-06_nf4.ipynb"]
     assert "carol-06_nf4.ipynb: error:" in capsys.readouterr().out

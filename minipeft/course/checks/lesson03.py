@@ -101,8 +101,10 @@ def _run_layer(LoRALinear: Callable, inputs: Inputs) -> Outputs:
     for name in ("A", "B"):
         if not isinstance(getattr(layer, name, None), nn.Parameter):
             raise AttributeError(f"the layer has no nn.Parameter named {name}")
+    with torch.no_grad():
+        changed = not torch.allclose(layer(i["x"]), base(i["x"]), rtol=1e-5, atol=1e-6)
     outputs: Outputs = {
-        "output at init": layer(i["x"]),
+        "output changed by adding LoRA, before training?": int(changed),
         "A all zeros at init?": int(not layer.A.detach().any()),
         "B all zeros at init?": int(not layer.B.detach().any()),
         "trainable parameters": sum(p.numel() for p in layer.parameters() if p.requires_grad)}
@@ -142,8 +144,9 @@ register(Exercise(
         (r"must match the size|size mismatch|cannot be multiplied|expanded size",
          f"Check the shapes: {A_B_SHAPES}, so that x @ A.T @ B.T is (..., out_features)."),
     ),
-    hint="See lesson 2, section 2 (the LoRA forward pass), and compare each output with the "
-         "contract: the frozen layer's output plus the scaled low-rank branch.",
+    hint="See lesson 2, sections 5 to 7 (the layer, its initialisation, its scaling), and compare "
+         "each output with the contract: the frozen layer's output plus the scaled low-rank "
+         "branch.",
     describe=_yes_no,
 ))
 
@@ -172,46 +175,48 @@ def _is_lora(module: nn.Module) -> bool:
 
 def _run_inject(inject_lora: Callable, inputs: Inputs) -> Outputs:
     model = tiny_bert(inputs)
+    targets = [name for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in TARGETS]
+    with torch.no_grad():
+        before = model(input_ids=inputs["input_ids"]).logits
     torch.manual_seed(inputs["seed"])
     model = inject_lora(model, inputs["r"], inputs["alpha"])
     if not isinstance(model, nn.Module):
         raise TypeError(f"inject_lora returned {type(model).__name__}, not the model")
-    names = dict(model.named_modules())
+    # Each target's real path in the module tree: what forward() calls.
+    at_targets = [model.get_submodule(name) for name in targets]
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     with torch.no_grad():
         after = model.eval()(input_ids=inputs["input_ids"]).logits
     return {
-        "LoRA layers": sum(map(_is_lora, names.values())),
-        "query and value layers left as nn.Linear": sum(
-            type(m) is nn.Linear and name.rsplit(".", 1)[-1] in TARGETS
-            for name, m in names.items()),
+        "LoRA layers": sum(map(_is_lora, model.modules())),
+        "query and value layers left as nn.Linear": sum(type(m) is nn.Linear for m in at_targets),
         "trainable parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "classifier head trainable?": int(any(n.startswith("classifier.") for n in trainable)),
-        "logits (the same as before, while B = 0)": after}
+        "logits changed by injecting LoRA, before training?": int(
+            not torch.allclose(after, before, rtol=1e-5, atol=1e-6))}
 
 
 def _reference_inject(model: nn.Module, r: int, alpha: float, LoRA: Callable = _MinipeftLoRA,
                       targets: tuple[str, ...] = TARGETS, freeze: str = "before",
-                      train_head: bool = True) -> nn.Module:
+                      train_head: bool = True, set_on_model: bool = False) -> nn.Module:
     """The exercise's injection (freeze, swap in, unfreeze the head), with the usual slips as
-    options: another LoRA class, other targets, the base left trainable or frozen too late."""
+    options: another LoRA class, other targets, the base left trainable or frozen too late, the
+    new layer set on the model under its dotted name."""
     if freeze == "before":
         model.requires_grad_(False)
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets:
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, LoRA(module, r, alpha))
+            if set_on_model:  # nn.Module.__setattr__ accepts a dotted name: a new module
+                setattr(model, name, LoRA(module, r, alpha))
+            else:
+                setattr(model.get_submodule(parent), child, LoRA(module, r, alpha))
     if freeze == "after":
         model.requires_grad_(False)
     if freeze != "never":
         model.classifier.requires_grad_(train_head)
     return model
-
-
-def _unfrozen_lora(base: nn.Linear, r: int, alpha: float) -> nn.Module:
-    layer = _MinipeftLoRA(base, r, alpha)
-    base.requires_grad_(True)
-    return layer
 
 
 register(Exercise(
@@ -225,18 +230,19 @@ register(Exercise(
                 "'bert.encoder.layer.0.attention.self.query'. Match the last part "
                 "(name.rsplit('.', 1)[-1]), not the whole name.",
                 lambda model, r, alpha: _reference_inject(model, r, alpha, targets=())),
-        Mistake("Only the query layers got LoRA: target the value projections too.",
-                lambda model, r, alpha: _reference_inject(model, r, alpha, targets=("query",))),
         Mistake("LoRA went on the key projections: the exercise (and the LoRA paper's GLUE "
                 "setup) targets query and value.",
                 lambda model, r, alpha: _reference_inject(model, r, alpha,
                                                           targets=("query", "key"))),
+        Mistake("Only the query layers got LoRA: target the value projections too.",
+                lambda model, r, alpha: _reference_inject(model, r, alpha, targets=("query",))),
+        Mistake("setattr(model, 'a.b.c', layer) adds a new module under a dotted name and leaves "
+                "the original layer where forward() calls it: set the new layer on its parent, "
+                "setattr(model.get_submodule('a.b'), 'c', layer).",
+                lambda model, r, alpha: _reference_inject(model, r, alpha, set_on_model=True)),
         Mistake("The base model still trains: freeze it (model.requires_grad_(False)) before "
                 "swapping the LoRA layers in.",
                 lambda model, r, alpha: _reference_inject(model, r, alpha, freeze="never")),
-        Mistake("The frozen layers inside your LoRA layers still train: freeze each wrapped "
-                "Linear (base.requires_grad_(False)).",
-                lambda model, r, alpha: _reference_inject(model, r, alpha, LoRA=_unfrozen_lora)),
         Mistake("Nothing of LoRA trains: the model was frozen after the swap, which froze A and "
                 "B too. Freeze first, then swap the layers in.",
                 lambda model, r, alpha: _reference_inject(model, r, alpha, freeze="after")),
