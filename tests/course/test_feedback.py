@@ -564,3 +564,28 @@ def test_a_question_must_explain_every_wrong_option():
     from minipeft.course.checks import Question
     with pytest.raises(ValueError, match=r"missing: \['c'\]"):
         Question("q", "nb", "?", "a", "why", {"b": "no"}, options={"a": "1", "b": "2", "c": "3"})
+
+
+def test_in_a_live_notebook_quiz_also_shows_buttons_that_judge_at_once(monkeypatch, capsys):
+    import IPython
+    import IPython.display
+    import ipywidgets
+
+    shown = []
+    monkeypatch.setenv("MINIPEFT_PROGRESS", "live")
+    monkeypatch.setattr(IPython, "get_ipython", lambda: type("Shell", (), {"kernel": object()})())
+    monkeypatch.setattr(IPython.display, "display", shown.append)
+    quiz("doubling_r", ...)
+    assert "? doubling_r" in capsys.readouterr().out
+    (box,) = shown
+    buttons, verdict = box.children
+    assert isinstance(buttons, ipywidgets.ToggleButtons) and buttons.options == ("a", "b", "c")
+    buttons.value = "c"          # a click: judged at once (in a kernel, into the widget's output area)
+    judged = capsys.readouterr().out
+    assert "r is in the denominator" in judged and 'write quiz("doubling_r", \'c\')' in judged
+    assert feedback.QUIZ_ANSWERS.get("doubling_r") != "c"  # only the cell's answer is handed in
+
+    shown.clear()
+    monkeypatch.setenv("MINIPEFT_PROGRESS", "summary")   # nbval, make lessons, the grader
+    quiz("doubling_r", ...)
+    assert shown == []
