@@ -44,7 +44,7 @@ lab: setup
 # pytest exits 5 when it collects nothing: that is reported, not hidden, and not a failure.
 test: setup
 	@start=$$(date +%s); \
-	$(OFFLINE) $(PY) -m pytest $(wildcard tests lessons solutions exercises) --nbval-lax --nbval-current-env \
+	$(OFFLINE) $(PY) -m pytest $(wildcard tests lessons solutions) --nbval-lax --nbval-current-env \
 	    --nbval-cell-timeout=300 -p no:cacheprovider; rc=$$?; \
 	echo "make test: finished in $$(( $$(date +%s) - start )) s (pytest exit code $$rc)"; \
 	if [ $$rc -eq 5 ]; then echo "make test: no tests collected"; exit 0; fi; exit $$rc

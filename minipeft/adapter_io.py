@@ -32,6 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from minipeft.adapters import AdapterConfig, add_adapters
 from minipeft.inject import CONFIGS_ATTR, adapter_state_dict, matches
 from minipeft.lora import LoraConfig, add_lora
 
@@ -47,6 +48,7 @@ PEFT_PREFIX = "base_model.model."
 # to a model)
 METHODS: dict[str, tuple[type, Callable[..., nn.Module]]] = {
     "lora": (LoraConfig, add_lora),
+    "bottleneck": (AdapterConfig, add_adapters),
 }
 
 # peft LoRA options minipeft does not implement: an adapter using any of them is refused, not

@@ -9,16 +9,19 @@ model surgery they all share, so that each method file reads as the method alone
 - `replace_module`            put a wrapper where a module was
 - `ModulesToSave`             a frozen module plus one trainable copy per adapter (a new head)
 - `adapter_state_dict`        one adapter's weights, keyed as in peft's files
+- `set_active_adapter`, `disable_adapters`   switch adapters, or run the base model, for any method
 - `check_adapter_name`, `check_weights`, `last_names`   validation, and the names errors suggest
 
 A model's adapter configs live in `model.minipeft_configs` (adapter name -> config); every layer a
-method adds has an `adapter_state_dict(name)` method. That is all `minipeft.adapter_io` needs.
+method adds has `adapter_state_dict(name)`, `set_active(name)` and `active_adapter`. That is all
+`minipeft.adapter_io` and the switching below need.
 """
 from __future__ import annotations
 
 import copy
 import re
-from typing import Iterable, Mapping
+from contextlib import contextmanager
+from typing import Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -123,3 +126,50 @@ def last_names(named_modules: Iterable[tuple[str, object]]) -> str:
     """
     last = {name.rsplit(".", 1)[-1] for name, _ in named_modules}
     return ", ".join(sorted(n for n in last if n and not n.isdigit()))
+
+
+def adapter_layers(model: nn.Module) -> list[nn.Module]:
+    """Every layer a minipeft method added to `model` (those with `set_active`); raises if none."""
+    layers = [m for m in model.modules() if hasattr(m, "set_active")]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no minipeft adapter. Add one first, e.g. "
+                         "add_lora(model, config) or add_adapters(model, config).")
+    return layers
+
+
+def check_not_merged(model: nn.Module, action: str) -> None:
+    """Refuse `action` while a (LoRA) adapter is merged into the base weights."""
+    if any(getattr(m, "merged", False) for m in model.modules()):
+        raise ValueError(f"Cannot {action} while an adapter is merged into the base weights. "
+                         "Call unmerge_lora(model) first.")
+
+
+def set_active_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
+    """Make `adapter_name` the adapter that runs and trains; the others stay in the model,
+    frozen.
+    """
+    configs = getattr(model, CONFIGS_ATTR, {})
+    if adapter_name not in configs:
+        raise ValueError(f"set_active_adapter: no adapter named {adapter_name!r}; this model has "
+                         f"{sorted(configs)}. Add it first (add_lora, add_adapters, ... with "
+                         f"adapter_name={adapter_name!r}).")
+    check_not_merged(model, "switch adapters")
+    for layer in adapter_layers(model):
+        layer.set_active(adapter_name)
+    return model
+
+
+@contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """`with disable_adapters(model):` runs the base model: no adapter of any method, the original
+    modules_to_save. requires_grad is left alone: only what forward computes changes."""
+    layers = adapter_layers(model)
+    check_not_merged(model, "disable adapters")
+    previous = [layer.active_adapter for layer in layers]
+    for layer in layers:
+        layer.active_adapter = None
+    try:
+        yield model
+    finally:
+        for layer, name in zip(layers, previous):
+            layer.active_adapter = name

@@ -26,15 +26,15 @@ from __future__ import annotations
 
 import math
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping
 
 import torch
 from torch import nn
 
-from minipeft.inject import (CONFIGS_ATTR, ModulesToSave, adapter_state_dict, check_adapter_name,
-                             check_weights, last_names, matches, replace_module)
+from minipeft.inject import (CONFIGS_ATTR, ModulesToSave, adapter_layers, adapter_state_dict,
+                             check_adapter_name, check_not_merged, check_weights, disable_adapters,
+                             last_names, matches, replace_module, set_active_adapter)
 
 @dataclass
 class LoraConfig:
@@ -197,7 +197,7 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default"
     """
     configs = getattr(model, CONFIGS_ATTR, {})
     check_adapter_name(adapter_name, configs)
-    _check_not_merged(model, "add an adapter")
+    check_not_merged(model, "add an adapter")
     targets, to_save = _find_modules(model, config)
     if weights is not None:
         expected = {f"{path}.{key}": shape for path, m in targets
@@ -233,8 +233,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
     """Fold the active adapter into the base weights, W = W0 + s B A; forward then skips the LoRA
     branch.
     """
-    layers = _layers(model, LoraLinear)
-    _check_not_merged(model, "merge")
+    layers = _lora_layers(model)
+    check_not_merged(model, "merge")
     if layers[0].active_adapter is None:
         raise ValueError("merge_lora: adapters are disabled here (inside disable_lora); merge "
                          "outside that block.")
@@ -245,7 +245,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 def unmerge_lora(model: nn.Module) -> nn.Module:
     """Undo `merge_lora`: W0 = W - s B A (exact up to floating-point rounding)."""
-    layers = _layers(model, LoraLinear)
+    layers = _lora_layers(model)
     if not layers[0].merged:
         raise ValueError("unmerge_lora: the model is not merged, so there is nothing to unmerge. "
                          "Call merge_lora(model) first.")
@@ -254,53 +254,24 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-def set_active_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
-    """Make `adapter_name` the adapter that runs and trains; the others stay in the model,
-    frozen.
-    """
-    configs = getattr(model, CONFIGS_ATTR, {})
-    if adapter_name not in configs:
-        raise ValueError(f"set_active_adapter: no adapter named {adapter_name!r}; this model has "
-                         f"{sorted(configs)}. Add it with "
-                         f"add_lora(model, config, {adapter_name!r}).")
-    _check_not_merged(model, "switch adapters")
-    _activate(model, adapter_name)
-    return model
-
-
-@contextmanager
-def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
-    """`with disable_lora(model):` runs the base model (no LoRA, original modules_to_save)."""
-    layers = _layers(model)
-    _check_not_merged(model, "disable adapters")
-    previous = [layer.active_adapter for layer in layers]
-    for layer in layers:
-        # requires_grad is left alone: this only changes what forward computes
-        layer.active_adapter = None
-    try:
-        yield model
-    finally:
-        for layer, name in zip(layers, previous):
-            layer.active_adapter = name
+# Switching and disabling work the same for every method (minipeft.inject); peft calls the
+# context manager `disable_adapter`, the lessons `disable_lora`.
+disable_lora = disable_adapters
+__all__ = ["LoraConfig", "LoraLinear", "add_lora", "merge_lora", "unmerge_lora",
+           "set_active_adapter", "disable_lora"]
 
 
 def _activate(model: nn.Module, adapter_name: str) -> None:
-    for layer in _layers(model):
+    for layer in adapter_layers(model):
         layer.set_active(adapter_name)
 
 
-def _layers(model: nn.Module, kind: type | tuple[type, ...] = _ADAPTER_LAYERS) -> list[nn.Module]:
-    layers = [m for m in model.modules() if isinstance(m, kind)]
+def _lora_layers(model: nn.Module) -> list[LoraLinear]:
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
     if not layers:
         raise ValueError(f"{type(model).__name__} has no LoRA adapter. "
                          "Call add_lora(model, config) first.")
     return layers
-
-
-def _check_not_merged(model: nn.Module, action: str) -> None:
-    if any(m.merged for m in model.modules() if isinstance(m, LoraLinear)):
-        raise ValueError(f"Cannot {action} while an adapter is merged into the base weights. "
-                         "Call unmerge_lora(model) first.")
 
 
 def _named_base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

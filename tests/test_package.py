@@ -17,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "minipeft"
 MAX_LINE = 100  # code is shown in notebook panes
-METHODS = ["minipeft.lora", "minipeft.inject", "minipeft.adapter_io", "minipeft.memory",
+METHODS = ["minipeft.lora", "minipeft.adapters", "minipeft.inject", "minipeft.adapter_io", "minipeft.memory",
            "minipeft.quant", "minipeft.quant_cpu", "minipeft.quant_c", "minipeft.quant_triton"]
 
 

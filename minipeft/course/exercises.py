@@ -20,9 +20,10 @@ and the exercise notebook `exercises/NN_name.ipynb` gets, at the marker's indent
 
 (nbgrader's own placeholder), which `minipeft.course.feedback.check` reports as "not attempted
 yet". A concept check's answer, the second argument of a `quiz("name", answer)` line, becomes
-`...`, which `quiz` reads as "not answered yet" (it then shows the question). The exercise also loses the solution's outputs and execution counts (learners start clean),
-its `# NBVAL_...` markers (it has no outputs to compare: `make test` runs it under nbval-lax, where
-each check reports "not attempted"), and its Colab link points at exercises/.
+`...`, which `quiz` reads as "not answered yet" (it then shows the question). The exercise also
+loses the solution's outputs and execution counts (learners start clean),
+its `# NBVAL_...` markers (it has no outputs to compare: `make test` runs it through the grader,
+where each check reports "not attempted"), and its Colab link points at exercises/.
 The output is a pure function of the solution notebook, written byte for byte the same every time.
 """
 from __future__ import annotations

@@ -68,8 +68,8 @@ from minipeft.course.checks import (EXERCISES, Case, Exercise, Outputs, Question
                                     notebooks, questions_of)
 from minipeft.course.feedback import (ANSWERED, ERROR, MAX_QUIZ_ANSWER_CHARS, MISSING, NO_ANSWER,
                                       NOT_ATTEMPTED, PASS, Answer, CaseTimeout, ExerciseResult,
-                                      Foreign, answer, borrowed_in, cases_for, judge, judge_question,
-                                      shorten)
+                                      Foreign, answer, borrowed_in, cases_for, judge,
+                                      judge_question, shorten)
 
 MAX_ANSWER_BYTES = 64 * 2**20     # an answer file bigger than this is ignored
 DEFAULT_CELL_TIMEOUT = 60         # seconds per notebook cell
@@ -162,7 +162,8 @@ def answer_questions(questions: str, answers_dir: str, namespace: dict,
 
 
 def _write_quiz_answers(path: Path, asked: list[str]) -> None:
-    """The answers the notebook gave with `quiz` (numbers and strings; anything else as its repr)."""
+    """The answers the notebook gave with `quiz` (numbers and strings; anything else as its
+    repr)."""
     from minipeft.course.feedback import QUIZ_ANSWERS
 
     given = {name: QUIZ_ANSWERS[name] for name in asked if name in QUIZ_ANSWERS}

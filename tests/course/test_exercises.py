@@ -52,6 +52,7 @@ def test_solution_grades_full_and_exercise_grades_zero_not_attempted(name):
 
     shipped = grader.grade_notebook(EXERCISES_DIR / f"{name}.ipynb", seed=2024)
     assert shipped.assignment == name and shipped.score == 0
+    assert not shipped.notebook_problems   # every cell runs as shipped (make test runs no nbval here)
     parts = len(exercises_of(name)) + len(questions_of(name))
     assert [e.status for e in shipped.exercises] == [grader.NOT_ATTEMPTED] * parts
     assert shipped.max_score == solved.max_score >= 3 * len(exercises_of(name)) + 3
