@@ -93,7 +93,7 @@ LESSONS: dict[int | str, Lesson] = {  # "2b": an optional companion of lesson 2
     3: Lesson("LoRA fine-tuning in practice", offline_seconds=170, full_minutes=20,
               notebook="03_lora", exercise="03_lora"),
     4: Lesson("Bottleneck adapters", offline_seconds=110, full_minutes=20,
-              notebook="04_adapters"),
+              notebook="04_adapters", exercise="04_adapters"),
     6: Lesson("Quantisation and NF4", offline_seconds=40, full_minutes=5,
               notebook="06_nf4_quantization", exercise="06_nf4"),
 }

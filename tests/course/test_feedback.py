@@ -190,11 +190,38 @@ def double_dequantize(codes, absmax2, offset, *, add_offset=True, spread="repeat
     return (values * per_code if scale else values) + (offset if add_offset else 0)
 
 
+def bottleneck(z, Wd, bd, Wu, bu, *, f=torch.relu, bias_down="inside", biases=True, add_z=False):
+    """A learner's adapter, with switches for the usual mistakes."""
+    down = z @ Wd.T + (bd if biases and bias_down == "inside" else 0)
+    up = f(down) + (bd if biases and bias_down == "outside" else 0)
+    out = up @ Wu.T + (bu if biases else 0)
+    return z + out if add_z else out
+
+
+def adapter_output(h, r, kind, Wd, bd, Wu, bu, ln_w, ln_b, *, reads=None, skip=True, residual=True,
+                   norm=True):
+    def LN(x):
+        return F.layer_norm(x, (x.shape[-1],), ln_w, ln_b, eps=1e-12)
+    reads = reads or {"houlsby": "h", "pfeiffer": "LN(h + r)"}[kind]
+    z = {"h": h, "h + r": h + r, "LN(h + r)": LN(h + r)}[reads]
+    out = bottleneck(z, Wd, bd, Wu, bu) + (h if skip else 0) + (r if residual else 0)
+    return LN(out) if norm else out
+
+
+def adapter_param_count(d, f, blocks, kind, *, per_block=None, biases=2, m=None):
+    m = m(d, f) if m else d // f
+    per = per_block or (2 if kind == "houlsby" else 1)
+    return blocks * per * (2 * d * m + {2: m + d, 1: d, 0: 0}[biases])
+
+
 def train_lora_without_training(model, tokenizer, data):
     return inject_lora(model, 8, 16)
 
 
 RIGHT = {
+    "bottleneck": bottleneck,
+    "adapter_output": adapter_output,
+    "adapter_param_count": adapter_param_count,
     "LoRALinear": LoRALinear,
     "inject_lora": inject_lora,
     "double_quantize": double_quantize,
@@ -285,6 +312,24 @@ WRONG = [
         m, r, a, layer=lambda b, r, a: LoRALinear(b, r, a, B_init="random")), "fix LoRALinear first"),
     ("inject_lora", lambda m, r, a: inject_lora(m, r, a, set_on_model=True), "set the new layer on its parent"),
     ("train_lora", train_lora_without_training, "loss went down"),
+    ("bottleneck", lambda *a: bottleneck(*a, f=lambda x: x), "non-linearity is missing"),
+    ("bottleneck", lambda *a: bottleneck(*a, add_z=True), "Do not add z"),
+    ("bottleneck", lambda *a: bottleneck(*a, biases=False), "biases are part of A"),
+    ("bottleneck", lambda *a: bottleneck(*a, bias_down="outside"), "goes inside the non-linearity"),
+    ("bottleneck", lambda z, Wd, bd, Wu, bu: torch.relu(z @ Wd + bd) @ Wu + bu, "as nn.Linear stores"),
+    ("adapter_output", lambda *a: adapter_output(*a, residual=False), "residual input r is missing"),
+    ("adapter_output", lambda *a: adapter_output(*a, skip=False), "own output h is missing"),
+    ("adapter_output", lambda *a: adapter_output(*a, norm=False), "ends with its LayerNorm"),
+    ("adapter_output", lambda h, r, kind, *a: adapter_output(h, r, kind, *a, reads="h"), "reads LN(h + r)"),
+    ("adapter_output", lambda h, r, kind, *a: adapter_output(h, r, kind, *a, reads="LN(h + r)"),
+     "Houlsby's reads h"),
+    ("adapter_output", lambda *a: adapter_output(*a, reads="h + r"), "not h + r"),
+    ("adapter_param_count", lambda *a: adapter_param_count(*a, biases=0), "Count the biases too"),
+    ("adapter_param_count", lambda *a: adapter_param_count(*a, biases=1), "Both biases train"),
+    ("adapter_param_count", lambda *a: adapter_param_count(*a, per_block=1), "Houlsby puts two"),
+    ("adapter_param_count", lambda *a: adapter_param_count(*a, per_block=2), "Pfeiffer puts one"),
+    ("adapter_param_count", lambda *a: adapter_param_count(*a, m=lambda d, f: d * f), "not hidden_size *"),
+    ("adapter_param_count", lambda *a: adapter_param_count(*a, m=lambda d, f: round(d / f)), "rounded down"),
     ("double_quantize", lambda a: double_quantize(a, centre="none"), "Subtract the mean"),
     ("double_quantize", lambda a: double_quantize(a, centre="per block"), "One offset for the whole"),
     ("double_quantize", lambda a: double_quantize(a, blocksize=len(a)), "blocks of 256"),
