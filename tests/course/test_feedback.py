@@ -7,6 +7,7 @@ command is run on a notebook that loops, prints, raises, tampers with minipeft a
 from __future__ import annotations
 
 
+import functools
 import re
 
 import pytest
@@ -352,9 +353,17 @@ def test_right_answers_pass_every_case(name, seed):
     assert result.total >= 3
 
 
-@pytest.mark.parametrize("name, wrong, hint", WRONG, ids=[f"{n}-{h}" for n, _, h in WRONG])
-def test_a_usual_mistake_fails_with_its_hint(name, wrong, hint):
-    result = evaluate(name, wrong)
+@functools.cache
+def evaluated(index: int) -> feedback.ExerciseResult:
+    """WRONG[index] judged once, for both tests below (each judgement runs every mistake)."""
+    name, wrong, _ = WRONG[index]
+    return evaluate(name, wrong)
+
+
+@pytest.mark.parametrize("index", range(len(WRONG)), ids=[f"{n}-{h}" for n, _, h in WRONG])
+def test_a_usual_mistake_fails_with_its_hint(index):
+    name, _, hint = WRONG[index]
+    result = evaluated(index)
     failing = [c for c in result.cases if c.status != PASS]
     assert failing, f"{name}: the wrong answer passed every case"
     assert any(hint in c.hint for c in failing), result.report()
@@ -362,7 +371,7 @@ def test_a_usual_mistake_fails_with_its_hint(name, wrong, hint):
 
 def test_every_usual_mistake_is_reached_by_a_wrong_answer():
     """Each mistake's hint in minipeft.course.checks is earned by at least one learner-style answer above."""
-    earned = {c.hint for name, wrong, _ in WRONG for c in evaluate(name, wrong).cases}
+    earned = {c.hint for index in range(len(WRONG)) for c in evaluated(index).cases}
     for exercise in EXERCISES.values():
         for mistake in exercise.mistakes:
             assert mistake.hint in earned, f"{exercise.name}: no wrong answer earns {mistake.hint!r}"

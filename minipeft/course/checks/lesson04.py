@@ -68,8 +68,8 @@ def _reference_bottleneck(z, W_down, b_down, W_up, b_up):
     return _host("pfeiffer", W_down, b_down, W_up, b_up).adapters["default"](z)
 
 
-SHAPES = ("W_down is (m, d) and W_up is (d, m), as nn.Linear stores them: z @ W_down.T is (..., m), "
-          "and that @ W_up.T is (..., d).")
+SHAPES = ("W_down is (m, d) and W_up is (d, m), as nn.Linear stores them: z @ W_down.T is "
+          "(..., m), and that @ W_up.T is (..., d).")
 register(Exercise(
     name="bottleneck",
     notebook="04_adapters",
