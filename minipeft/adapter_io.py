@@ -35,6 +35,7 @@ from torch import nn
 from minipeft.adapters import AdapterConfig, add_adapters
 from minipeft.inject import CONFIGS_ATTR, adapter_state_dict, matches
 from minipeft.lora import LoraConfig, add_lora
+from minipeft.prompts import PromptTuningConfig, add_prompt_tuning
 
 FORMAT = "minipeft-adapter"
 WEIGHTS_NAME = "adapter.safetensors"
@@ -49,6 +50,7 @@ PEFT_PREFIX = "base_model.model."
 METHODS: dict[str, tuple[type, Callable[..., nn.Module]]] = {
     "lora": (LoraConfig, add_lora),
     "bottleneck": (AdapterConfig, add_adapters),
+    "prompt_tuning": (PromptTuningConfig, add_prompt_tuning),
 }
 
 # peft LoRA options minipeft does not implement: an adapter using any of them is refused, not

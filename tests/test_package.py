@@ -17,8 +17,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "minipeft"
 MAX_LINE = 100  # code is shown in notebook panes
-METHODS = ["minipeft.lora", "minipeft.adapters", "minipeft.inject", "minipeft.adapter_io", "minipeft.memory",
-           "minipeft.quant", "minipeft.quant_cpu", "minipeft.quant_c", "minipeft.quant_triton"]
+METHODS = ["minipeft.lora", "minipeft.adapters", "minipeft.prompts", "minipeft.inject",
+           "minipeft.adapter_io", "minipeft.memory", "minipeft.quant", "minipeft.quant_cpu",
+           "minipeft.quant_c", "minipeft.quant_triton"]
 
 
 def package_files() -> list[Path]:
