@@ -13,9 +13,10 @@ dataclass, layers with an `adapter_state_dict(name)` method, and an
 `add_<method>(model, config, name, weights=...)` that checks the weights against the model before
 touching it.
 
-`export_peft` / `import_peft` translate LoRA adapters to and from peft's folder
-(`adapter_config.json` + `adapter_model.safetensors`), whose keys are ours behind a
-`base_model.model.` prefix.
+`export_peft` / `import_peft` translate LoRA and prompt-tuning adapters to and from peft's folder
+(`adapter_config.json` + `adapter_model.safetensors`). LoRA's keys are ours behind a
+`base_model.model.` prefix; prompt tuning's are `prompt_embeddings` and, for modules_to_save,
+ours behind `base_model.`.
 
 Only safetensors is read: a pickle (torch.load) can run arbitrary code, so `.bin` adapters are
 refused.
@@ -42,8 +43,11 @@ WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "adapter.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_CONFIG_NAME = "adapter_config.json"
-# peft's keys are the model's, seen from PeftModel -> LoraModel -> model
+# peft's keys are the model's, seen from PeftModel -> LoraModel -> model (LoRA), or from
+# PeftModel -> model (prompt learning, whose prompt is the PeftModel's own `prompt_embeddings`)
 PEFT_PREFIX = "base_model.model."
+PEFT_PROMPT_PREFIX = "base_model."
+PEFT_TASK_TYPES = {"ForSequenceClassification": "SEQ_CLS", "ForCausalLM": "CAUSAL_LM"}
 
 # method name (as written in adapter.json) -> (config class, function that adds such an adapter
 # to a model)
@@ -104,16 +108,19 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
 
 def export_peft(model: nn.Module, out_dir: str | Path, adapter_name: str = "default",
                 base_model_name_or_path: str | None = None) -> Path:
-    """Write LoRA adapter `adapter_name` as a peft adapter folder that
+    """Write LoRA or prompt-tuning adapter `adapter_name` as a peft adapter folder that
     `PeftModel.from_pretrained(base, out_dir)` loads.
 
     `base_model_name_or_path` defaults to the model's own `name_or_path` (a hub id or local folder),
     as peft does.
     """
     config = _config(model, adapter_name)
+    if isinstance(config, PromptTuningConfig):
+        return _export_prompt_tuning(model, config, Path(out_dir), adapter_name,
+                                     base_model_name_or_path)
     if not isinstance(config, LoraConfig):
-        raise ValueError(f"export_peft writes LoRA adapters only; {adapter_name!r} is a "
-                         f"{type(config).__name__}.")
+        raise ValueError(f"export_peft writes LoRA and prompt-tuning adapters; {adapter_name!r} "
+                         f"is a {type(config).__name__}, which peft does not have.")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = {PEFT_PREFIX + key: t
@@ -139,8 +146,8 @@ def export_peft(model: nn.Module, out_dir: str | Path, adapter_name: str = "defa
 
 
 def import_peft(model: nn.Module, in_dir: str | Path, adapter_name: str = "default") -> nn.Module:
-    """Add the peft LoRA adapter saved in folder `in_dir` to `model` (in place, made active);
-    returns `model`.
+    """Add the peft LoRA or prompt-tuning adapter saved in folder `in_dir` to `model` (in place,
+    made active); returns `model`.
     """
     in_dir = Path(in_dir)
     if not (in_dir / PEFT_WEIGHTS_NAME).exists() and (in_dir / "adapter_model.bin").exists():
@@ -148,10 +155,12 @@ def import_peft(model: nn.Module, in_dir: str | Path, adapter_name: str = "defau
                          "loads (unpickling can run code). Re-save it with peft's "
                          "save_pretrained(dir, safe_serialization=True).")
     peft_config = _read_json(in_dir / PEFT_CONFIG_NAME)
-    if not isinstance(peft_config, dict) or peft_config.get("peft_type") != "LORA":
-        found = peft_config.get("peft_type") if isinstance(peft_config, dict) else None
-        raise ValueError(f"{in_dir / PEFT_CONFIG_NAME} is not a peft LoRA config "
-                         f"(peft_type={found!r}); import_peft reads LoRA adapters only.")
+    found = peft_config.get("peft_type") if isinstance(peft_config, dict) else None
+    if found == "PROMPT_TUNING":
+        return _import_prompt_tuning(model, in_dir, peft_config, adapter_name)
+    if found != "LORA":
+        raise ValueError(f"{in_dir / PEFT_CONFIG_NAME} is not a peft LoRA or prompt-tuning config "
+                         f"(peft_type={found!r}); import_peft reads those two.")
     unsupported = {k: peft_config[k] for k in PEFT_UNSUPPORTED
                    if peft_config.get(k) not in (None, False, {}, [])}
     if peft_config.get("bias", "none") != "none":
@@ -178,6 +187,58 @@ def import_peft(model: nn.Module, in_dir: str | Path, adapter_name: str = "defau
                          "save_pretrained.")
     return add_lora(model, config, adapter_name,
                     weights={k.removeprefix(PEFT_PREFIX): t for k, t in weights.items()})
+
+
+def _export_prompt_tuning(model: nn.Module, config: PromptTuningConfig, out_dir: Path,
+                          adapter_name: str, base_model_name_or_path: str | None) -> Path:
+    task_type = next((task for suffix, task in PEFT_TASK_TYPES.items()
+                      if type(model).__name__.endswith(suffix)), None)
+    if task_type is None:
+        raise ValueError(f"export_peft: peft runs prompt tuning through a task-specific model; "
+                         f"{type(model).__name__} is none of {sorted(PEFT_TASK_TYPES)}.")
+    state = _detached(adapter_state_dict(model, adapter_name))
+    weights = {("prompt_embeddings" if key == "prompt_encoder.prompt_embeddings"
+                else PEFT_PROMPT_PREFIX + key): t for key, t in state.items()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(weights, out_dir / PEFT_WEIGHTS_NAME, metadata={"format": "pt"})
+    model_config = getattr(model, "config", None)
+    _write_json(out_dir / PEFT_CONFIG_NAME, {
+        "peft_type": "PROMPT_TUNING",
+        "task_type": task_type,
+        "base_model_name_or_path": (base_model_name_or_path or getattr(model, "name_or_path", None)
+                                    or None),
+        "num_virtual_tokens": config.num_virtual_tokens,
+        "token_dim": weights["prompt_embeddings"].shape[1],
+        "num_transformer_submodules": 1,
+        "num_attention_heads": getattr(model_config, "num_attention_heads", None),
+        "num_layers": getattr(model_config, "num_hidden_layers", None),
+        "prompt_tuning_init": "RANDOM",   # the weights are saved: how they began does not matter
+        "modules_to_save": config.modules_to_save or None,
+        "inference_mode": True,
+    })
+    return out_dir
+
+
+def _import_prompt_tuning(model: nn.Module, in_dir: Path, peft_config: dict[str, Any],
+                          adapter_name: str) -> nn.Module:
+    if peft_config.get("num_transformer_submodules", 1) != 1:
+        raise ValueError(f"{in_dir} prompts {peft_config['num_transformer_submodules']} "
+                         "submodules (an encoder-decoder model); minipeft's prompt tuning prompts "
+                         "one.")
+    config = _build_config(PromptTuningConfig, {
+        "num_virtual_tokens": peft_config.get("num_virtual_tokens"),
+        "modules_to_save": list(dict.fromkeys(_existing_modules_to_save(model, peft_config))),
+    }, in_dir / PEFT_CONFIG_NAME)
+    weights = _read_safetensors(in_dir / PEFT_WEIGHTS_NAME)
+    outside = sorted(k for k in weights
+                     if k != "prompt_embeddings" and not k.startswith(PEFT_PROMPT_PREFIX))
+    if outside or "prompt_embeddings" not in weights:
+        raise ValueError(f"{in_dir / PEFT_WEIGHTS_NAME} is not a peft prompt-tuning adapter (it "
+                         "needs `prompt_embeddings`, and modules_to_save keys behind "
+                         f"{PEFT_PROMPT_PREFIX!r}); it was not written by peft's save_pretrained.")
+    return add_prompt_tuning(model, config, adapter_name, weights={
+        ("prompt_encoder.prompt_embeddings" if key == "prompt_embeddings"
+         else key.removeprefix(PEFT_PROMPT_PREFIX)): t for key, t in weights.items()})
 
 
 def _existing_modules_to_save(model: nn.Module, peft_config: dict[str, Any]) -> list[str]:

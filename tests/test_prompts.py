@@ -100,3 +100,41 @@ def test_what_is_not_supported_says_so():
         model.generate(input_ids=IDS[:1], max_new_tokens=3, do_sample=False)
     with pytest.raises(ValueError, match="needs the model's tokenizer"):
         add_prompt_tuning(tiny_bert(), PromptTuningConfig(init="text", init_text="hi"))
+
+
+# ---------------------------------------------------------------- peft's adapter folders
+
+def scramble(model: torch.nn.Module, seed: int = 3) -> None:
+    """Trained-looking values in everything that trains (prompt, head copy)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=generator))
+
+
+@pytest.mark.parametrize("make, task_type", [(tiny_bert, "SEQ_CLS"), (tiny_llama, "CAUSAL_LM")])
+def test_a_peft_prompt_tuning_folder_imports_with_the_same_outputs(tmp_path, make, task_type):
+    from minipeft.adapter_io import import_peft
+    reference = peft.get_peft_model(make(), peft.PromptTuningConfig(task_type=task_type,
+                                                                    num_virtual_tokens=4))
+    scramble(reference)
+    reference.save_pretrained(tmp_path)
+    ours = import_peft(make(), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(input_ids=IDS, attention_mask=MASK).logits,
+                                   reference.eval()(input_ids=IDS, attention_mask=MASK).logits,
+                                   rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("make, head", [(tiny_bert, ["classifier"]), (tiny_llama, [])])
+def test_an_exported_prompt_loads_into_peft_with_the_same_outputs(tmp_path, make, head):
+    from minipeft.adapter_io import export_peft
+    ours = add_prompt_tuning(make(), PromptTuningConfig(num_virtual_tokens=3, modules_to_save=head))
+    scramble(ours)
+    export_peft(ours, tmp_path)
+    reference = peft.PeftModel.from_pretrained(make(), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(reference.eval()(input_ids=IDS, attention_mask=MASK).logits,
+                                   ours.eval()(input_ids=IDS, attention_mask=MASK).logits,
+                                   rtol=0, atol=1e-5)
