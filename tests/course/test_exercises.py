@@ -44,18 +44,33 @@ def test_exercise_opens_with_what_it_practises_and_how_it_is_graded(name):
     assert "BEGIN SOLUTION" not in nbformat.writes(nb)
 
 
+def unchecked_outputs(name: str) -> list[str]:
+    """The check and quiz cells of a solution whose output nbval does not compare."""
+    nb = nbformat.read(SOLUTIONS / f"{name}.ipynb", 4)
+    return [c.source for c in nb.cells if c.cell_type == "code"
+            and re.search(r"^(check|quiz)\(", c.source, re.M) and "NBVAL_CHECK_OUTPUT" not in c.source]
+
+
 @pytest.mark.parametrize("name", notebooks())
 def test_solution_grades_full_and_exercise_grades_zero_not_attempted(name):
-    solved = grader.grade_notebook(SOLUTIONS / f"{name}.ipynb", seed=2024)
-    assert solved.score == solved.max_score, solved.table()
-    assert not solved.notebook_problems
+    # nbval runs every solution and compares each check's committed "all pass" line; a solution
+    # with a check nbval cannot compare (exercise 3's training run prints its timing) is graded
+    # here too, on other random cases (seed 2024), so each part of every solution is proven once.
+    if unchecked_outputs(name):
+        solved = grader.grade_notebook(SOLUTIONS / f"{name}.ipynb", seed=2024)
+        assert solved.score == solved.max_score, solved.table()
+        assert not solved.notebook_problems
 
     shipped = grader.grade_notebook(EXERCISES_DIR / f"{name}.ipynb", seed=2024)
     assert shipped.assignment == name and shipped.score == 0
     assert not shipped.notebook_problems   # every cell runs as shipped (make test runs no nbval here)
     parts = len(exercises_of(name)) + len(questions_of(name))
     assert [e.status for e in shipped.exercises] == [grader.NOT_ATTEMPTED] * parts
-    assert shipped.max_score == solved.max_score >= 3 * len(exercises_of(name)) + 3
+    assert shipped.max_score >= 3 * len(exercises_of(name)) + 3
+
+
+def test_only_exercise_3s_training_check_escapes_nbval():
+    assert {name for name in notebooks() if unchecked_outputs(name)} == {"03_lora"}
 
 
 # ---------------------------------------------------------------- the generator itself
