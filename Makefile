@@ -73,6 +73,7 @@ exercises: setup
 # minipeft against the reference libraries, side by side (minutes; not part of make test).
 bench: setup
 	$(OFFLINE) $(PY) bench/lora.py
+	$(OFFLINE) $(PY) bench/prompts.py
 	$(OFFLINE) $(PY) bench/nf4.py
 
 clean:

