@@ -44,9 +44,8 @@ from typing import Literal, Mapping
 import torch
 from torch import nn
 
-from minipeft.inject import (CONFIGS_ATTR, ModulesToSave, adapter_layers, adapter_state_dict,
-                             check_adapter_name, check_not_merged, check_weights, matches,
-                             replace_module)
+from minipeft.inject import (CONFIGS_ATTR, check_adapter_name, check_not_merged, check_weights,
+                             finish_adding, matches, replace_module, saved_shapes)
 
 Kind = Literal["houlsby", "pfeiffer"]
 Init = Literal["identity", "houlsby", "bert"]
@@ -268,9 +267,7 @@ def add_adapters(model: nn.Module, config: AdapterConfig, adapter_name: str = "d
             bottleneck = Bottleneck(width, config).to("meta")
             expected |= {f"{path}.{key}": tuple(t.shape)
                          for key, t in bottleneck.state_dict().items()}
-        expected |= {f"{path}.{key}": tuple(t.shape) for path, m in to_save
-                     for key, t in _unwrapped_saved(m).state_dict().items()}
-        check_weights(weights, expected)
+        check_weights(weights, expected | saved_shapes(to_save))
 
     # Everything is validated; nothing below can fail on user input.
     for path, host_class in sites:
@@ -281,23 +278,7 @@ def add_adapters(model: nn.Module, config: AdapterConfig, adapter_name: str = "d
         host.add_adapter(adapter_name, config, width,
                          torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype,
                          device)
-    for path, module in to_save:
-        wrapper = (module if isinstance(module, ModulesToSave)
-                   else replace_module(model, path, ModulesToSave(module)))
-        wrapper.add_adapter(adapter_name)
-    setattr(model, CONFIGS_ATTR, configs | {adapter_name: config})
-    model.requires_grad_(False)
-    for layer in adapter_layers(model):
-        layer.set_active(adapter_name)
-    if weights is not None:
-        with torch.no_grad():
-            for key, tensor in adapter_state_dict(model, adapter_name).items():
-                tensor.copy_(weights[key])
-    return model
-
-
-def _unwrapped_saved(module: nn.Module) -> nn.Module:
-    return module.original_module if isinstance(module, ModulesToSave) else module
+    return finish_adding(model, adapter_name, config, to_save, weights)
 
 
 def bottleneck_parameters(hidden_size: int, reduction_factor: int) -> int:

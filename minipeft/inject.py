@@ -9,6 +9,8 @@ model surgery they all share, so that each method file reads as the method alone
 - `replace_module`            put a wrapper where a module was
 - `ModulesToSave`             a frozen module plus one trainable copy per adapter (a new head)
 - `adapter_state_dict`        one adapter's weights, keyed as in peft's files
+- `saved_shapes`, `finish_adding`   what every `add_<method>` checks and does once its own layers
+                              are in: modules_to_save, the config, freezing, activating, weights
 - `set_active_adapter`, `disable_adapters`   switch adapters, or run the base model, for any method
 - `check_adapter_name`, `check_weights`, `last_names`   validation, and the names errors suggest
 
@@ -77,6 +79,38 @@ class ModulesToSave(nn.Module):
         self.active_adapter = name
         for key, module in self.modules_to_save.items():
             module.requires_grad_(key == name)
+
+
+def unwrapped_saved(module: nn.Module) -> nn.Module:
+    """The model's own module inside a ModulesToSave (or the module itself)."""
+    return module.original_module if isinstance(module, ModulesToSave) else module
+
+
+def saved_shapes(to_save: list[tuple[str, nn.Module]]) -> dict[str, tuple[int, ...]]:
+    """The keys and shapes an adapter's weights must have for its modules_to_save."""
+    return {f"{path}.{key}": tuple(t.shape) for path, m in to_save
+            for key, t in unwrapped_saved(m).state_dict().items()}
+
+
+def finish_adding(model: nn.Module, adapter_name: str, config: object,
+                  to_save: list[tuple[str, nn.Module]],
+                  weights: Mapping[str, torch.Tensor] | None) -> nn.Module:
+    """The end of every `add_<method>`, once the method's own layers are in: trainable copies of
+    `to_save`, the config recorded, everything frozen, `adapter_name` made active (so that only it
+    trains), and `weights` (already checked) copied in."""
+    for path, module in to_save:
+        wrapper = (module if isinstance(module, ModulesToSave)
+                   else replace_module(model, path, ModulesToSave(module)))
+        wrapper.add_adapter(adapter_name)
+    setattr(model, CONFIGS_ATTR, getattr(model, CONFIGS_ATTR, {}) | {adapter_name: config})
+    model.requires_grad_(False)
+    for layer in adapter_layers(model):
+        layer.set_active(adapter_name)
+    if weights is not None:
+        with torch.no_grad():
+            for key, tensor in adapter_state_dict(model, adapter_name).items():
+                tensor.copy_(weights[key])
+    return model
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:

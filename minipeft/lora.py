@@ -32,9 +32,9 @@ from typing import Iterator, Mapping
 import torch
 from torch import nn
 
-from minipeft.inject import (CONFIGS_ATTR, ModulesToSave, adapter_layers, adapter_state_dict,
-                             check_adapter_name, check_not_merged, check_weights, disable_adapters,
-                             last_names, matches, replace_module, set_active_adapter)
+from minipeft.inject import (CONFIGS_ATTR, ModulesToSave, check_adapter_name, check_not_merged,
+                             check_weights, disable_adapters, finish_adding, last_names, matches,
+                             replace_module, saved_shapes, set_active_adapter, unwrapped_saved)
 
 @dataclass
 class LoraConfig:
@@ -203,9 +203,7 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default"
         expected = {f"{path}.{key}": shape for path, m in targets
                     for key, shape in (("lora_A.weight", (config.r, _unwrapped(m).in_features)),
                                        ("lora_B.weight", (_unwrapped(m).out_features, config.r)))}
-        expected |= {f"{path}.{key}": tuple(t.shape) for path, m in to_save
-                     for key, t in _unwrapped(m).state_dict().items()}
-        check_weights(weights, expected)
+        check_weights(weights, expected | saved_shapes(to_save))
 
     # Everything is validated; nothing below can fail on user input.
     for path, module in targets:
@@ -215,18 +213,7 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default"
         if autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16):
             dtype = torch.float32
         layer.add_adapter(adapter_name, config, dtype)
-    for path, module in to_save:
-        wrapper = (module if isinstance(module, ModulesToSave)
-                   else replace_module(model, path, ModulesToSave(module)))
-        wrapper.add_adapter(adapter_name)
-    setattr(model, CONFIGS_ATTR, configs | {adapter_name: config})
-    model.requires_grad_(False)
-    _activate(model, adapter_name)
-    if weights is not None:
-        with torch.no_grad():
-            for key, tensor in adapter_state_dict(model, adapter_name).items():
-                tensor.copy_(weights[key])
-    return model
+    return finish_adding(model, adapter_name, config, to_save, weights)
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
@@ -259,11 +246,6 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 disable_lora = disable_adapters
 __all__ = ["LoraConfig", "LoraLinear", "add_lora", "merge_lora", "unmerge_lora",
            "set_active_adapter", "disable_lora"]
-
-
-def _activate(model: nn.Module, adapter_name: str) -> None:
-    for layer in adapter_layers(model):
-        layer.set_active(adapter_name)
 
 
 def _lora_layers(model: nn.Module) -> list[LoraLinear]:
@@ -331,6 +313,4 @@ def _find_modules(model: nn.Module, config: LoraConfig) -> tuple[list[tuple[str,
 
 def _unwrapped(module: nn.Module) -> nn.Module:
     """The model's own module inside an adapter layer."""
-    if isinstance(module, LoraLinear):
-        return module.base_layer
-    return module.original_module if isinstance(module, ModulesToSave) else module
+    return module.base_layer if isinstance(module, LoraLinear) else unwrapped_saved(module)

@@ -29,9 +29,8 @@ from typing import Any, Literal, Mapping
 import torch
 from torch import nn
 
-from minipeft.inject import (CONFIGS_ATTR, ModulesToSave, adapter_layers, adapter_state_dict,
-                             check_adapter_name, check_not_merged, check_weights, matches,
-                             replace_module)
+from minipeft.inject import (CONFIGS_ATTR, check_adapter_name, check_not_merged, check_weights,
+                             finish_adding, matches, saved_shapes)
 
 Init = Literal["random", "vocab", "text"]
 ENCODER = "prompt_encoder"   # the model attribute that holds the prompts
@@ -122,8 +121,7 @@ def add_prompt_tuning(model: nn.Module, config: PromptTuningConfig,
     width = model.get_input_embeddings().weight.shape[1]
     if weights is not None:
         check_weights(weights, {f"{ENCODER}.prompt_embeddings": (config.num_virtual_tokens, width)}
-                      | {f"{path}.{key}": tuple(t.shape) for path, m in to_save
-                         for key, t in _unwrapped(m).state_dict().items()})
+                      | saved_shapes(to_save))
     prompt = (_initial_prompt(model, config, tokenizer) if weights is None
               else torch.zeros(config.num_virtual_tokens, width))   # the weights replace it
 
@@ -132,23 +130,7 @@ def add_prompt_tuning(model: nn.Module, config: PromptTuningConfig,
         setattr(model, ENCODER, PromptEncoder())
         model.register_forward_pre_hook(_prepend_prompt, with_kwargs=True)
     getattr(model, ENCODER).prompts[adapter_name] = nn.Parameter(prompt)
-    for path, module in to_save:
-        wrapper = (module if isinstance(module, ModulesToSave)
-                   else replace_module(model, path, ModulesToSave(module)))
-        wrapper.add_adapter(adapter_name)
-    setattr(model, CONFIGS_ATTR, configs | {adapter_name: config})
-    model.requires_grad_(False)
-    for layer in adapter_layers(model):
-        layer.set_active(adapter_name)
-    if weights is not None:
-        with torch.no_grad():
-            for key, tensor in adapter_state_dict(model, adapter_name).items():
-                tensor.copy_(weights[key])
-    return model
-
-
-def _unwrapped(module: nn.Module) -> nn.Module:
-    return module.original_module if isinstance(module, ModulesToSave) else module
+    return finish_adding(model, adapter_name, config, to_save, weights)
 
 
 def _prepend_prompt(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
