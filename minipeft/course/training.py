@@ -4,6 +4,9 @@ The recipe is the standard one for fine-tuning a pretrained transformer: AdamW, 
 rate, a short linear warm-up then linear decay, cross-entropy on the classifier's logits. Only the
 parameters with `requires_grad=True` go to the optimizer, so the same loop trains a whole model
 (lesson 1) or only an adapter (every later lesson).
+
+The same loop trains a causal LM on prompt/answer pairs (`data.as_prompts`): the loss is the
+model's own next-token cross-entropy, on the answer's tokens only (the prompt's labels are -100).
 """
 from __future__ import annotations
 
@@ -20,10 +23,29 @@ from tqdm import tqdm
 from minipeft.memory import peak_memory
 
 
+IGNORE_INDEX = -100   # a label the loss skips
+
+
+def prompt_answer_batch(tokenizer, prompts: list[str], answers: list[str],
+                        max_length: int = 128) -> dict[str, torch.Tensor]:
+    """Prompt + answer as one sequence per example (padded on the right), with labels that score
+    the answer only: -100 on the prompt's tokens and on padding."""
+    batch = tokenizer([p + a for p, a in zip(prompts, answers)], padding=True, truncation=True,
+                      max_length=max_length, padding_side="right", return_tensors="pt")
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+    for row, prompt in enumerate(prompts):
+        labels[row, :len(tokenizer(prompt)["input_ids"])] = IGNORE_INDEX
+    return dict(batch, labels=labels)
+
+
 def make_loader(dataset, tokenizer, batch_size: int = 32, shuffle: bool = False, seed: int = 0,
                 max_length: int = 128) -> DataLoader:
-    """Batches of tokenized text (padded to the longest in the batch) with their labels."""
+    """Batches of tokenized text (padded to the longest in the batch) with their labels; for a
+    data set with prompt/answer columns, causal-LM batches (`prompt_answer_batch`)."""
     def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
+        if "answer" in rows[0]:
+            return prompt_answer_batch(tokenizer, [r["prompt"] for r in rows],
+                                       [r["answer"] for r in rows], max_length)
         batch = tokenizer([r["text"] for r in rows], padding=True, truncation=True,
                           max_length=max_length, return_tensors="pt")
         batch["labels"] = torch.tensor([r["label"] for r in rows])
@@ -49,6 +71,26 @@ def evaluate(model: nn.Module, tokenizer, dataset, batch_size: int = 64) -> floa
         batch = {k: v.to(device) for k, v in batch.items()}
         labels = batch.pop("labels")
         correct += (model(**batch).logits.argmax(-1) == labels).sum().item()
+    model.train(was_training)
+    return correct / len(dataset)
+
+
+@torch.no_grad()
+def answer_accuracy(model: nn.Module, tokenizer, dataset, batch_size: int = 32) -> float:
+    """Share of prompts (a data set with prompt/answer columns) whose greedy next token starts the
+    answer, ignoring case and spaces (" Positive" starts " positive"): the accuracy of a causal
+    LM that answers in one word."""
+    was_training = model.training
+    model.eval()
+    device, correct = _model_device(model), 0
+    for start in range(0, len(dataset), batch_size):
+        rows = dataset[start:start + batch_size]
+        batch = tokenizer(rows["prompt"], padding=True, padding_side="left",  # all end at -1
+                          return_tensors="pt").to(device)
+        predicted = [tokenizer.decode(t).strip().lower()
+                     for t in model(**batch).logits[:, -1].argmax(-1).tolist()]
+        correct += sum(bool(p) and a.strip().lower().startswith(p)
+                       for p, a in zip(predicted, rows["answer"]))
     model.train(was_training)
     return correct / len(dataset)
 
@@ -80,10 +122,14 @@ def train_step(model: nn.Module, batch: dict[str, torch.Tensor],
 
     Forward in training mode, cross-entropy of the logits (in fp32, also for a bf16 model),
     backward, update, and clear the gradients so that the next step does not add to them.
+    A label per token (a causal LM) is the model's own shifted next-token loss.
     """
     model.train()
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    loss = F.cross_entropy(model(**inputs).logits.float(), batch["labels"])
+    if batch["labels"].dim() == 2:
+        loss = model(**batch).loss
+    else:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        loss = F.cross_entropy(model(**inputs).logits.float(), batch["labels"])
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

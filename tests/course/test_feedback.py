@@ -215,6 +215,43 @@ def adapter_param_count(d, f, blocks, kind, *, per_block=None, biases=2, m=None)
     return blocks * per * (2 * d * m + {2: m + d, 1: d, 0: 0}[biases])
 
 
+def prompt_inputs(P, embeds, mask, labels, *, first=True, mask_fill=1, label_fill=-100,
+                  grow_mask=True, grow_labels=True, expand=True):
+    """A learner's prompt-tuning input, with switches for the usual mistakes."""
+    batch, n = embeds.shape[0], P.shape[0]
+    prompts = P.expand(batch, -1, -1) if expand else P
+
+    def grow(x, front):
+        return torch.cat([front, x] if first else [x, front], dim=1)
+
+    return (grow(embeds, prompts),
+            grow(mask, torch.full((batch, n), mask_fill, dtype=mask.dtype)) if grow_mask else mask,
+            grow(labels, torch.full((batch, n), label_fill, dtype=labels.dtype))
+            if grow_labels else labels)
+
+
+def attention_with_prefix(q, k, v, pk, pv, causal, *, scale=True, prefix_values=True,
+                          hide_prefix=False, tile=False):
+    """A learner's attention with a prefix, with switches for the usual mistakes."""
+    B, T, n = q.shape[0], q.shape[2], pk.shape[1]
+    K = torch.cat([pk.expand(B, -1, -1, -1), k], dim=2)
+    V = torch.cat([(pv if prefix_values else torch.zeros_like(pv)).expand(B, -1, -1, -1), v], dim=2)
+    g = q.shape[1] // k.shape[1]
+    K, V = (K.repeat(1, g, 1, 1), V.repeat(1, g, 1, 1)) if tile else (
+        K.repeat_interleave(g, 1), V.repeat_interleave(g, 1))
+    scores = q @ K.transpose(-2, -1) / (q.shape[-1] ** 0.5 if scale else 1.0)
+    if causal:
+        allowed = (torch.ones(T, n + T).tril() if hide_prefix
+                   else torch.cat([torch.ones(T, n), torch.ones(T, T).tril()], dim=1))
+        scores = scores.masked_fill(allowed == 0, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ V
+
+
+def prefix_param_count(layers, n, heads, kv_heads, head_dim, *, both=2, use_heads=False,
+                       per_layer=True):
+    return (layers if per_layer else 1) * both * n * (heads if use_heads else kv_heads) * head_dim
+
+
 def train_lora_without_training(model, tokenizer, data):
     return inject_lora(model, 8, 16)
 
@@ -232,6 +269,9 @@ RIGHT = {
     "lora_forward": lora_forward,
     "merge": merge,
     "lora_param_count": lambda i, o, r: r * (i + o),
+    "prompt_inputs": prompt_inputs,
+    "attention_with_prefix": attention_with_prefix,
+    "prefix_param_count": prefix_param_count,
     "quantize_nf4_blockwise": quantize,
     "dequantize_nf4_blockwise": dequantize,
 }
@@ -340,6 +380,19 @@ WRONG = [
     ("double_dequantize", lambda c, a2, o: double_dequantize(c, a2, o, spread="repeat"), "repeat_interleave(256)"),
     ("double_dequantize", lambda c, a2, o: double_dequantize(c, a2, o, lookup=False), "Look each code up"),
     ("double_dequantize", lambda c, a2, o: double_dequantize(c, a2, o, scale=False), "Multiply by the block's"),
+    ("prompt_inputs", lambda *a: prompt_inputs(*a, first=False), "in front of the input"),
+    ("prompt_inputs", lambda *a: prompt_inputs(*a, grow_mask=False), "The mask must grow"),
+    ("prompt_inputs", lambda *a: prompt_inputs(*a, mask_fill=0), "new mask columns are ones"),
+    ("prompt_inputs", lambda *a: prompt_inputs(*a, grow_labels=False), "labels must grow too"),
+    ("prompt_inputs", lambda *a: prompt_inputs(*a, label_fill=0), "value the loss skips"),
+    ("prompt_inputs", lambda *a: prompt_inputs(*a, expand=False), "expand P to (batch, n, d)"),
+    ("attention_with_prefix", lambda *a: attention_with_prefix(*a, hide_prefix=True), "visible to every query"),
+    ("attention_with_prefix", lambda *a: attention_with_prefix(*a, scale=False), "sqrt(d_head)"),
+    ("attention_with_prefix", lambda *a: attention_with_prefix(*a, prefix_values=False), "values need their prefix"),
+    ("attention_with_prefix", lambda *a: attention_with_prefix(*a, tile=True), "repeat_interleave"),
+    ("prefix_param_count", lambda *a: prefix_param_count(*a, both=1), "Keys and values"),
+    ("prefix_param_count", lambda *a: prefix_param_count(*a, use_heads=True), "key/value heads"),
+    ("prefix_param_count", lambda *a: prefix_param_count(*a, per_layer=False), "multiply by the layers"),
 ]
 
 

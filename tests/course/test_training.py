@@ -82,3 +82,47 @@ def test_pretrained_encoder_finds_paraphrases_and_random_does_not(bert):
     assert unknown.top1 < known.top1 - 0.2 and unknown.margin < known.margin / 2
     embeddings = sentence_embeddings(pretrained, tokenizer, ["a", "b c"])
     assert torch.allclose(embeddings.norm(dim=-1), torch.ones(2))
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(course.model_source("llm", "offline"))
+
+
+def test_prompt_answer_batches_score_the_answer_only(sentiment, smollm2_tokenizer):
+    from minipeft.course.training import prompt_answer_batch
+    tokenizer = smollm2_tokenizer
+    tokenizer.padding_side = "left"          # as generation leaves it: batches pad right anyway
+    rows = data.as_prompts(sentiment["train"].select(range(4)))
+    batch = prompt_answer_batch(tokenizer, rows["prompt"], rows["answer"])
+    for labels, answer in zip(batch["labels"], rows["answer"]):
+        scored = labels[labels != -100]
+        assert tokenizer.decode(scored) == answer            # " positive" / " negative", nothing else
+    assert (batch["attention_mask"][:, 0] == 1).all()         # padded on the right
+
+
+class AlwaysSays(torch.nn.Module):
+    """A stand-in causal LM whose next token is always `token`."""
+
+    def __init__(self, token: int, vocab: int) -> None:
+        super().__init__()
+        self.token, self.vocab, self.weight = token, vocab, torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, attention_mask=None):
+        logits = torch.zeros(*input_ids.shape, self.vocab)
+        logits[..., self.token] = 1.0
+        return type("Output", (), {"logits": logits})
+
+
+def test_answer_accuracy_reads_the_first_word_whatever_its_case(sentiment, smollm2_tokenizer):
+    from minipeft.course.training import answer_accuracy
+    tokenizer = smollm2_tokenizer
+    rows = data.as_prompts(sentiment["validation"].select(range(20)))
+    positive_share = sum(rows["label"]) / 20
+    for word in (" positive", " Positive"):
+        token = tokenizer(word, add_special_tokens=False)["input_ids"][0]
+        model = AlwaysSays(token, len(tokenizer))
+        assert answer_accuracy(model, tokenizer, rows, batch_size=8) == positive_share
+    nothing = AlwaysSays(tokenizer(" the", add_special_tokens=False)["input_ids"][0], len(tokenizer))
+    assert answer_accuracy(nothing, tokenizer, rows) == 0.0
