@@ -77,6 +77,7 @@ exercises: setup
 bench: setup
 	$(OFFLINE) $(PY) bench/lora.py
 	$(OFFLINE) $(PY) bench/prompts.py
+	$(OFFLINE) $(PY) bench/qlora.py
 	$(OFFLINE) $(PY) bench/nf4.py
 
 clean:

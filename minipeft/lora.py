@@ -13,7 +13,8 @@ inference.
 The pieces:
 
 - `LoraConfig`     what to adapt and how (validated when built)
-- `LoraLinear`     an nn.Linear plus any number of named (A, B) pairs, one of them active
+- `LoraLinear`     an nn.Linear (or a 4-bit `quant.Linear4bit`: QLoRA, see minipeft.qlora) plus
+                   any number of named (A, B) pairs, one of them active
 - `add_lora`       wrap the targeted Linear layers of any model in place, freeze everything else
 - `merge_lora` / `unmerge_lora`, `set_active_adapter`, `disable_lora`
 
@@ -35,6 +36,7 @@ from torch import nn
 from minipeft.inject import (CONFIGS_ATTR, ModulesToSave, check_adapter_name, check_not_merged,
                              check_weights, disable_adapters, finish_adding, last_names, matches,
                              replace_module, saved_shapes, set_active_adapter, unwrapped_saved)
+from minipeft.quant import Linear4bit
 
 @dataclass
 class LoraConfig:
@@ -101,9 +103,10 @@ class LoraLinear(nn.Module):
     """An nn.Linear (`base_layer`, frozen) plus named LoRA adapters, of which at most one is active.
 
     h = W0 x + s B A x, with A = lora_A[name].weight (r x in), B = lora_B[name].weight (out x r).
+    The base may be a 4-bit `Linear4bit` (QLoRA): W0 x is then computed from its NF4 weight.
     """
 
-    def __init__(self, base_layer: nn.Linear) -> None:
+    def __init__(self, base_layer: nn.Linear | Linear4bit) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.lora_A = nn.ModuleDict()
@@ -114,10 +117,18 @@ class LoraLinear(nn.Module):
                                                 # this layer)
         self.merged = False                     # True: base_layer.weight holds W0 + s B A of the
                                                 # active adapter
+        self.four_bit: Linear4bit | None = None  # a 4-bit base, kept aside while merged
+
+    @property
+    def base_dtype(self) -> torch.dtype:
+        """The dtype W0 x is computed in: the weight's, or a 4-bit layer's compute dtype."""
+        base = self.base_layer
+        return base.compute_dtype if isinstance(base, Linear4bit) else base.weight.dtype
 
     def add_adapter(self, name: str, config: LoraConfig, dtype: torch.dtype) -> None:
         """Create adapter `name`: A like nn.Linear's default init, B = 0, so B A = 0."""
-        device = self.base_layer.weight.device
+        base = self.base_layer
+        device = (base.weight_packed if isinstance(base, Linear4bit) else base.weight).device
         A = nn.Linear(self.base_layer.in_features, config.r, bias=False, device=device)
         B = nn.Linear(config.r, self.base_layer.out_features, bias=False, device=device)
         # nn.Linear's constructor already drew this init; drawing it again (as peft and loralib do)
@@ -144,22 +155,35 @@ class LoraLinear(nn.Module):
         return (result + scaling * lora).to(result.dtype)  # h = W0 x + s B A x
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        """s B A for adapter `name`, in the base weight's dtype."""
+        """s B A for adapter `name`, in the base's dtype."""
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
         # Multiply in at least fp32: fp16/bf16 matmuls lose precision (and are slow on CPU).
         wide = torch.promote_types(A.dtype, torch.float32)
         delta = (B.to(wide) @ A.to(wide)) * self.scaling[name]  # ΔW = s B A
-        return delta.to(self.base_layer.weight.dtype)
+        return delta.to(self.base_dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
+        """W = W0 + s B A. A 4-bit base is merged into a copy in its compute dtype (W0 dequantised):
+        re-quantising W0 + s B A to NF4 would round most of s B A away, since a trained update is
+        usually far smaller than one NF4 step. The 4-bit layer is kept for `unmerge`."""
         if self.active_adapter in self.lora_A:
+            if isinstance(self.base_layer, Linear4bit):
+                self.four_bit, base = self.base_layer, self.base_layer
+                self.base_layer = nn.Linear(base.in_features, base.out_features,
+                                            bias=base.bias is not None, dtype=base.compute_dtype,
+                                            device=base.weight_packed.device).requires_grad_(False)
+                self.base_layer.weight.copy_(base.dequantized_weight())
+                if base.bias is not None:
+                    self.base_layer.bias.copy_(base.bias)
             self.base_layer.weight += self.delta_weight(self.active_adapter)  # W = W0 + s B A
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        if self.active_adapter in self.lora_A:
+        if self.four_bit is not None:                    # the 4-bit W0, exactly as it was
+            self.base_layer, self.four_bit = self.four_bit, None
+        elif self.active_adapter in self.lora_A:
             self.base_layer.weight -= self.delta_weight(self.active_adapter)  # W0 = W - s B A
         self.merged = False
 
@@ -178,6 +202,7 @@ class LoraLinear(nn.Module):
 
 
 _ADAPTER_LAYERS = (LoraLinear, ModulesToSave)
+LINEAR = (nn.Linear, Linear4bit, LoraLinear)   # what LoRA can wrap (or has wrapped)
 
 
 def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default", *,
@@ -209,7 +234,7 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default"
     for path, module in targets:
         layer = (module if isinstance(module, LoraLinear)
                  else replace_module(model, path, LoraLinear(module)))
-        dtype = layer.base_layer.weight.dtype
+        dtype = layer.base_dtype
         if autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16):
             dtype = torch.float32
         layer.add_adapter(adapter_name, config, dtype)
@@ -295,7 +320,7 @@ def _find_modules(model: nn.Module, config: LoraConfig) -> tuple[list[tuple[str,
     targets = [(name, module) for name, module in modules
                if matches(name, config.target_modules)
                and not any(name == p or name.startswith(p + ".") for p in saved)]
-    linear_names = last_names((n, m) for n, m in modules if isinstance(m, (nn.Linear, LoraLinear)))
+    linear_names = last_names((n, m) for n, m in modules if isinstance(m, LINEAR))
     if not targets:
         raise ValueError(f"target_modules={config.target_modules!r} matched no module of "
                          f"{type(model).__name__}{' outside modules_to_save' if saved else ''}. "
@@ -303,9 +328,10 @@ def _find_modules(model: nn.Module, config: LoraConfig) -> tuple[list[tuple[str,
                          "(a list entry matches the end of a name after a '.'), or a regex string "
                          "that matches whole names.")
     for name, module in targets:
-        if not isinstance(module, (nn.Linear, LoraLinear)):
+        if not isinstance(module, LINEAR):
             raise ValueError(f"target_modules={config.target_modules!r} matched {name!r}, a "
-                             f"{type(module).__name__}, but LoRA here wraps nn.Linear layers only. "
+                             f"{type(module).__name__}, but LoRA here wraps nn.Linear (and 4-bit "
+                             "Linear4bit) layers only. "
                              "Narrow target_modules to Linear layers; this model's end in: "
                              f"{linear_names}.")
     return targets, to_save

@@ -49,11 +49,11 @@ from minipeft.inject import (CONFIGS_ATTR, check_adapter_name, check_not_merged,
                              finish_adding, matches, saved_shapes)
 
 Init = Literal["random", "vocab", "text"]
-PROMPT_ENCODER = "prompt_encoder"          # the model attribute that holds the prompts
-PREFIX_ENCODER = "prefix_encoder"   # ... and the one that holds the prefixes
+PROMPT_ENCODER = "prompt_encoder"     # the model attribute that holds the prompts
+PREFIX_ENCODER = "prefix_encoder"     # ... and the one that holds the prefixes
 PREFIX_ATTENTION = "minipeft_prefix"  # the attention function's name in transformers' registry
-PREFIX_SLOT = "minipeft_prefix"     # attention-module attribute: this forward's (keys, values)
-IGNORE_INDEX = -100                 # labels a loss skips
+PREFIX_SLOT = "minipeft_prefix"       # attention-module attribute: this forward's (keys, values)
+IGNORE_INDEX = -100                   # labels a loss skips
 
 
 @dataclass

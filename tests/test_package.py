@@ -19,7 +19,7 @@ PACKAGE = ROOT / "minipeft"
 MAX_LINE = 100  # code is shown in notebook panes
 METHODS = ["minipeft.lora", "minipeft.adapters", "minipeft.prompts", "minipeft.inject",
            "minipeft.adapter_io", "minipeft.memory", "minipeft.quant", "minipeft.quant_cpu",
-           "minipeft.quant_c", "minipeft.quant_triton"]
+           "minipeft.quant_c", "minipeft.quant_triton", "minipeft.qlora", "minipeft.planner"]
 
 
 def package_files() -> list[Path]:

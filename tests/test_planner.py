@@ -1,0 +1,71 @@
+"""minipeft.planner: the 7B arithmetic of the QLoRA recipe, the shipped configs, real transformers
+configs, and the predicted training state against what minipeft's own models hold."""
+import pytest
+
+from minipeft.lora import LoraConfig, add_lora
+from minipeft.memory import training_state_bytes
+from minipeft.planner import SHIPPED, Shape, load_config, plan
+from minipeft.qlora import quantize_model
+from tests.tiny_models import tiny_llama
+
+GB = 1e9
+
+
+def test_llama_2_7b_qlora_weights_add_up_as_in_the_arithmetic():
+    config = load_config("llama-2-7b")
+    assert Shape.of(config).linear_params() == 6_476_005_376          # 6.48 B in linear layers
+    qlora = plan(config, "qlora")
+    assert round(qlora.quantized_weights / GB, 2) == 3.24              # N / 2 bytes of codes
+    assert round(qlora.quantization_constants / GB, 2) == 0.10         # 0.127 bit per weight
+    weights = qlora.quantized_weights + qlora.quantization_constants + qlora.other_weights
+    assert round(weights / GB, 2) == 3.87                              # embeddings, head in bf16
+    without_double = plan(config, "qlora", double_quant=False).quantization_constants
+    assert round(without_double / GB, 2) == 0.40                       # 0.5 bit per weight
+
+
+def test_qwen_untied_vocabulary_costs_2_2_gb_in_bf16():
+    shape = Shape.of(load_config("qwen2.5-7b"))
+    assert round(2 * shape.vocab * shape.hidden * 2 / GB, 2) == 2.18
+    assert plan(load_config("qwen2.5-7b"), "qlora").other_weights > 2.18 * GB
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_7b_fits_qlora_on_a_t4_and_not_full_fine_tuning(name):
+    config = load_config(name)
+    t4 = 14.75 * 2**30                                 # what PyTorch sees of a T4's 16 GB
+    assert plan(config, "qlora", seq_len=512).total < t4
+    assert plan(config, "full", weight_dtype="float32").total > 80 * 2**30    # not even an H100
+    assert plan(config, "full", weight_dtype="bfloat16").total > 40 * 2**30   # nor an A100 40 GB
+    assert 6e9 < Shape.of(config).linear_params() + Shape.of(config).other_params() < 8e9
+
+
+def test_checkpointing_and_sequence_length_move_the_right_items():
+    config = load_config("llama-2-7b")
+    short, long = plan(config, seq_len=512), plan(config, seq_len=4096)
+    assert long.logits == 8 * short.logits and long.quantized_weights == short.quantized_weights
+    assert plan(config, checkpointing=False).activations > 10 * short.activations
+
+
+def test_a_real_transformers_config_and_the_trainable_state_of_a_real_model():
+    model = add_lora(quantize_model(tiny_llama()), LoraConfig(target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], r=4))
+    predicted = plan(model.config, "qlora", rank=4, weight_dtype="float32")
+    held = training_state_bytes(model)
+    assert predicted.trainable_params == sum(p.numel() for p in model.parameters()
+                                             if p.requires_grad)
+    assert predicted.trainable_state == 4 * predicted.trainable_params + held.gradients \
+        + held.optimizer
+    packed = sum(b.numel() for n, b in model.named_buffers() if n.endswith("weight_packed"))
+    assert predicted.quantized_weights == packed
+
+
+def test_configs_the_planner_cannot_count_are_refused():
+    with pytest.raises(ValueError, match="lacks.*intermediate_size"):
+        plan({"model_type": "llama", "hidden_size": 8})
+    with pytest.raises(ValueError, match="'gpt2' is not one the planner counts"):
+        plan({"model_type": "gpt2", "hidden_size": 8, "intermediate_size": 32,
+              "num_hidden_layers": 2, "num_attention_heads": 2, "vocab_size": 10})
+    with pytest.raises(ValueError, match="no shipped config"):
+        load_config("llama-3-70b")
+    with pytest.raises(ValueError, match="method must be"):
+        plan(load_config("llama-2-7b"), "dora")
