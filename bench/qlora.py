@@ -72,7 +72,10 @@ def with_qlora(impl: str) -> nn.Module:
                                                            alpha=ALPHA))
         return prepare_for_training(model)
     import peft
-    model = peft.prepare_model_for_kbit_training(bnb_4bit(model))
+    model = bnb_4bit(model)
+    # peft's prepare_model_for_kbit_training turns checkpointing on only for a model transformers
+    # loaded in 4 bits (is_loaded_in_4bit), not for this one: the same checkpointing as minipeft's
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return peft.get_peft_model(model, peft.LoraConfig(r=RANK, lora_alpha=ALPHA,
                                                       target_modules=TARGETS))
 

@@ -12,8 +12,9 @@ LoRA, QLoRA), it adds up, in bytes:
                   every parameter, (Q)LoRA for r (in + out) per adapted layer, kept in fp32 (16 B)
     activations   what backward needs, per token and layer (counted below); with checkpointing
                   only each block's input (h values) plus one block's recomputation
-    logits        b s V in the compute dtype, their float32 copy for the loss, and its gradient:
-                  at long sequences and large vocabularies the largest single item
+    logits        b s V in the compute dtype, their float32 copy for the loss, the log-
+                  probabilities cross-entropy keeps for backward, and their gradient: at long
+                  sequences and large vocabularies the largest single item
 
 Not included: the CUDA context (about 0.3-0.5 GiB), allocator slack and fragmentation, and
 temporary buffers inside kernels. A plan is a lower bound to compare with a measured peak, not a
@@ -179,5 +180,5 @@ def plan(config: Mapping[str, Any] | Any, method: Method = "qlora", *, batch: in
                    else shape.layers * block)
     # a language model's logits over its vocabulary (a BERT classifier's few logits are nothing)
     vocab = 0 if shape.model_type == "bert" else shape.vocab
-    logits = tokens * vocab * (width + (4 if width != 4 else 0) + 4)
+    logits = tokens * vocab * (width + (4 if width != 4 else 0) + 4 + 4)
     return MemoryPlan(codes, constants, weights, trainable, state, activations, logits)
