@@ -28,7 +28,7 @@ from torch import nn
 
 from minipeft.memory import count_parameters, format_bytes, peak_memory
 from minipeft.planner import plan
-from timing import median_times, peak_in_subprocess, print_table
+from timing import bnb_4bit, median_times, peak_in_subprocess, print_table, train_step_fn
 
 THREADS = 2
 RANK, ALPHA = 16, 32
@@ -42,23 +42,6 @@ def load_llm() -> nn.Module:
 
     from minipeft import course
     return AutoModelForCausalLM.from_pretrained(course.model_source("llm", "offline"))
-
-
-def bnb_4bit(model: nn.Module) -> nn.Module:
-    """bitsandbytes' NF4 Linear4bit (double quantisation, fp32 compute) in every linear but the
-    head, from the model's own weights: the same bytes as minipeft's (tests/test_quant.py)."""
-    import bitsandbytes as bnb
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and name != "lm_head":
-                layer = bnb.nn.Linear4bit(child.in_features, child.out_features,
-                                          bias=child.bias is not None,
-                                          compute_dtype=torch.float32, compress_statistics=True,
-                                          quant_type="nf4")
-                layer.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False,
-                                                 compress_statistics=True, quant_type="nf4")
-                setattr(parent, name, layer.to("cpu"))
-    return model
 
 
 def with_qlora(impl: str) -> nn.Module:
@@ -84,17 +67,6 @@ def batch_of(batch: int, seq_len: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(100, 40000, (batch, seq_len), generator=g)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-
-
-def train_step_fn(model: nn.Module, batch: dict[str, torch.Tensor]):
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-    def step() -> None:
-        model(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return step
 
 
 def measure_peak(impl: str, batch: int, seq_len: int) -> int:

@@ -1,6 +1,7 @@
 """What the benchmarks share: the course's BERT and a batch for it, a training step and a forward
 pass to time, side-by-side timing (the implementations' calls interleaved, so that a slower moment
-of a shared machine hits all of them alike), peak memory in a fresh process, and the ratio table."""
+of a shared machine hits all of them alike), peak memory in a fresh process, the ratio table, and
+bitsandbytes' 4-bit version of a model (which tests/test_qlora.py compares with minipeft's too)."""
 from __future__ import annotations
 
 import statistics
@@ -89,3 +90,20 @@ def print_table(rows: list[tuple[str, float, float, str]]) -> None:
     for name, ours, theirs, unit in rows:
         fmt = (lambda v: f"{v * 1e3:.1f} ms") if unit == "ms" else format_bytes
         print(f"{name:{width}s} {fmt(ours):>12s} {fmt(theirs):>12s} {ours / theirs:14.3f}")
+
+
+def bnb_4bit(model: nn.Module) -> nn.Module:
+    """bitsandbytes' NF4 Linear4bit (double quantisation, fp32 compute) in every linear but the
+    head, from the model's own weights: the same bytes as minipeft's (tests/test_quant.py)."""
+    import bitsandbytes as bnb
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and name != "lm_head":
+                layer = bnb.nn.Linear4bit(child.in_features, child.out_features,
+                                          bias=child.bias is not None,
+                                          compute_dtype=torch.float32, compress_statistics=True,
+                                          quant_type="nf4")
+                layer.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False,
+                                                 compress_statistics=True, quant_type="nf4")
+                setattr(parent, name, layer.to("cpu"))
+    return model

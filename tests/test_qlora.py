@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from bench.timing import bnb_4bit
 from minipeft.adapter_io import export_peft, import_peft
 from minipeft.lora import LoraConfig, LoraLinear, add_lora, merge_lora, unmerge_lora
 from minipeft.qlora import compute_dtype_for, prepare_for_training, quantize_model
@@ -16,23 +17,6 @@ from tests.tiny_models import tiny_llama
 
 IDS = torch.tensor([[5, 17, 42, 8, 3, 99], [7, 7, 1, 60, 4, 9]])
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def bnb_4bit(model: nn.Module) -> nn.Module:
-    """`model` with bitsandbytes' NF4 Linear4bit (double quantisation) wherever minipeft's
-    quantize_model puts its own: every Linear but the head."""
-    import bitsandbytes as bnb
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and name != "lm_head":
-                layer = bnb.nn.Linear4bit(child.in_features, child.out_features,
-                                          bias=child.bias is not None,
-                                          compute_dtype=torch.float32, compress_statistics=True,
-                                          quant_type="nf4")
-                layer.weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False,
-                                                 compress_statistics=True, quant_type="nf4")
-                setattr(parent, name, layer.to("cpu"))      # quantises here
-    return model
 
 
 def scramble_adapters(model: nn.Module, seed: int = 3) -> None:
