@@ -15,7 +15,7 @@ from torch import nn
 from minipeft.adapter_io import export_peft, import_peft, load_adapter, save_adapter
 from minipeft.inject import adapter_state_dict
 from minipeft.lora import LoraConfig, add_lora, set_active_adapter
-from tiny_models import tiny_bert, tiny_llama
+from tiny_models import tiny_bert, tiny_llama, trained
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -24,16 +24,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWa
 IDS = torch.randint(0, 100, (3, 11), generator=torch.Generator().manual_seed(0))
 BERT_CONFIG = LoraConfig(r=4, alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"])
 LLAMA_CONFIG = LoraConfig(r=2, alpha=3, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True)
-
-
-def trained(model: nn.Module, seed: int = 1) -> nn.Module:
-    """Random values in every trainable tensor, as if trained: a fresh B = 0 would hide most mistakes."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-    return model
 
 
 def logits(model: nn.Module) -> torch.Tensor:

@@ -17,7 +17,7 @@ from minipeft.inject import ModulesToSave, adapter_state_dict
 from minipeft.lora import (LoraConfig, LoraLinear, add_lora, disable_lora,
                            merge_lora, set_active_adapter, unmerge_lora)
 from minipeft.memory import count_parameters
-from tiny_models import tiny_bert, tiny_llama
+from tiny_models import tiny_bert, tiny_llama, trained
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -35,15 +35,6 @@ def token_ids(seed: int = 0, batch: int = 2, length: int = 9) -> torch.Tensor:
 
 def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids).logits
-
-
-def randomize_trainable(model: nn.Module, seed: int = 1) -> None:
-    """Random values in every trainable tensor: a fresh B = 0 would hide most mistakes."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
 
 
 def copy_trainable_to_peft(ours: nn.Module, theirs: nn.Module) -> None:
@@ -95,7 +86,7 @@ def pair(model_name: str, config: LoraConfig, seed: int = 0) -> tuple[nn.Module,
     base = MODELS[model_name](seed)
     ours = add_lora(copy.deepcopy(base), config)
     theirs = peft.get_peft_model(base, peft_config(config))
-    randomize_trainable(ours)
+    trained(ours)
     copy_trainable_to_peft(ours, theirs)
     return ours, theirs
 
@@ -211,7 +202,7 @@ def test_trainable_count_matches_peft(model_name, index, capsys):
 def test_only_lora_and_modules_to_save_get_gradients(model_name, index):
     config = CONFIGS[model_name][index]
     model = add_lora(MODELS[model_name](), config)
-    randomize_trainable(model)
+    trained(model)
     logits(model, token_ids()).sum().backward()
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
     adapter = {n for n, p in model.named_parameters()
@@ -232,7 +223,7 @@ def test_works_on_pretrained_minilm():
     config = LoraConfig(r=8, alpha=16, target_modules=["query", "value"], modules_to_save=["classifier"])
     ours = add_lora(copy.deepcopy(base), config)
     theirs = peft.get_peft_model(base, peft_config(config))
-    randomize_trainable(ours)
+    trained(ours)
     copy_trainable_to_peft(ours, theirs)
     ids = torch.randint(1000, 5000, (2, 16), generator=torch.Generator().manual_seed(0))
     out = logits(ours, ids)
@@ -287,7 +278,7 @@ def test_layer_matches_peft_in_every_dtype(in_features, out_features, r, dtype, 
     config = LoraConfig(target_modules=["0"], r=r, alpha=2 * r)
     ours = add_lora(copy.deepcopy(base), config, autocast_adapter_dtype=autocast)
     theirs = peft.get_peft_model(base, peft_config(config), autocast_adapter_dtype=autocast)
-    randomize_trainable(ours, seed)
+    trained(ours, seed)
     copy_trainable_to_peft(ours, theirs)
     for name, p in ours.named_parameters():
         assert p.dtype == dict(theirs.named_parameters())[PEFT_PREFIX + name].dtype, name
@@ -302,7 +293,7 @@ def test_layer_matches_peft_in_every_dtype(in_features, out_features, r, dtype, 
 @pytest.mark.parametrize("model_name", MODELS)
 def test_merge_unmerge_round_trip(model_name):
     model = add_lora(MODELS[model_name](), CONFIGS[model_name][1])
-    randomize_trainable(model)
+    trained(model)
     base_weights = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
     ids = token_ids()
     unmerged = logits(model, ids)
@@ -367,8 +358,8 @@ def test_several_adapters_switch_and_disable():
     config_b = LoraConfig(r=2, target_modules=["value", "dense"], modules_to_save=["classifier"])
     only_a = add_lora(copy.deepcopy(base), config_a, "a")
     only_b = add_lora(copy.deepcopy(base), config_b, "b")
-    randomize_trainable(only_a, seed=1)
-    randomize_trainable(only_b, seed=2)
+    trained(only_a, seed=1)
+    trained(only_b, seed=2)
 
     model = load_from(only_a, "a", load_from(only_b, "b", copy.deepcopy(base)))
     assert sorted(model.minipeft_configs) == ["a", "b"]

@@ -11,20 +11,11 @@ from minipeft.adapter_io import load_adapter, save_adapter
 from minipeft.inject import disable_adapters
 from minipeft.prompts import (PrefixTuningConfig, PromptTuningConfig, add_prefix_tuning,
                               add_prompt_tuning, fold_prefix_projection)
-from tests.tiny_models import tiny_bert, tiny_llama
+from tests.tiny_models import tiny_bert, tiny_llama, trained
 
 IDS = torch.tensor([[5, 17, 42, 8, 3, 99], [7, 7, 1, 60, 0, 0]])
 MASK = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
 TYPES = torch.tensor([[0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
-
-
-def scramble(model: torch.nn.Module, seed: int = 3) -> None:
-    """Trained-looking values in everything that trains (prompt, head copy)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=generator))
 
 
 def with_peft_prompt(make, task_type: str, n: int = 5):
@@ -137,7 +128,7 @@ def greedy(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
 def test_generate_equals_a_greedy_decode_by_hand_token_for_token(add, config):
     model = add(tiny_llama(), config).eval()
     model.generation_config.eos_token_id = None           # all 8 tokens, as the loop makes
-    scramble(model)
+    trained(model, seed=3, scale=1.0)
     left_padded = torch.tensor([[5, 17, 42, 8, 3, 99], [0, 0, 7, 7, 1, 60]])
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
     with torch.no_grad():
@@ -153,7 +144,7 @@ def with_peft_prefix(make, task_type: str, projection: bool, n: int = 3):
     """(peft's model, ours) with the same base weights and the same prefixes (or MLP)."""
     reference = peft.get_peft_model(make(), peft.PrefixTuningConfig(
         task_type=task_type, num_virtual_tokens=n, prefix_projection=projection))
-    scramble(reference.prompt_encoder)    # the prefixes (or MLP); the head copy stays the head
+    trained(reference.prompt_encoder, seed=3, scale=1.0)   # the prefixes (or MLP), not the head
     encoder = reference.prompt_encoder["default"]
     ours = add_prefix_tuning(make(), PrefixTuningConfig(num_virtual_tokens=n,
                                                         prefix_projection=projection))
@@ -204,7 +195,7 @@ def test_prefix_disabled_is_the_base_model_and_only_the_prefix_trains():
 def test_folding_the_projection_keeps_the_outputs_and_only_the_prefixes():
     model = add_prefix_tuning(tiny_llama(), PrefixTuningConfig(num_virtual_tokens=3,
                                                                prefix_projection=True))
-    scramble(model)
+    trained(model, seed=3, scale=1.0)
     with torch.no_grad():
         before = model(input_ids=IDS).logits
     fold_prefix_projection(model)
@@ -220,7 +211,7 @@ def test_prefix_save_and_load_give_the_same_outputs(tmp_path):
     model = add_prefix_tuning(tiny_bert(), PrefixTuningConfig(num_virtual_tokens=4,
                                                               prefix_projection=True,
                                                               modules_to_save=["classifier"]))
-    scramble(model)
+    trained(model, seed=3, scale=1.0)
     save_adapter(model, tmp_path / "prefix")
     loaded = load_adapter(tiny_bert(), tmp_path / "prefix")
     assert not loaded.prefix_encoder.projections          # saved: the prefixes, not the MLP
@@ -267,7 +258,7 @@ def test_a_peft_prompt_or_prefix_folder_imports_with_the_same_outputs(tmp_path, 
                                                                       method):
     from minipeft.adapter_io import import_peft
     reference = peft.get_peft_model(make(), PEFT_CONFIGS[method](task_type))
-    scramble(reference)
+    trained(reference, seed=3, scale=1.0)
     reference.save_pretrained(tmp_path)
     ours = import_peft(make(), tmp_path)
     with torch.no_grad():
@@ -283,7 +274,7 @@ def test_an_exported_prompt_or_prefix_loads_into_peft_with_the_same_outputs(tmp_
     from minipeft.adapter_io import export_peft
     add, config = OUR_CONFIGS[method]
     ours = add(make(), config(num_virtual_tokens=3, modules_to_save=head))
-    scramble(ours)
+    trained(ours, seed=3, scale=1.0)
     export_peft(ours, tmp_path)
     reference = peft.PeftModel.from_pretrained(make(), tmp_path)
     with torch.no_grad():

@@ -13,18 +13,10 @@ from minipeft.adapter_io import export_peft, import_peft
 from minipeft.lora import LoraConfig, LoraLinear, add_lora, merge_lora, unmerge_lora
 from minipeft.qlora import compute_dtype_for, prepare_for_training, quantize_model
 from minipeft.quant import Linear4bit, quantize_nf4
-from tests.tiny_models import tiny_llama
+from tests.tiny_models import tiny_llama, trained
 
 IDS = torch.tensor([[5, 17, 42, 8, 3, 99], [7, 7, 1, 60, 4, 9]])
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def scramble_adapters(model: nn.Module, seed: int = 3) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(0.1 * torch.randn(p.shape, generator=generator))
 
 
 def test_the_compute_dtype_is_float32_on_cpu_and_a_bad_one_is_refused():
@@ -64,7 +56,7 @@ def test_lora_on_the_4bit_base_equals_peft_on_bitsandbytes():
     config = LoraConfig(target_modules=list(LINEARS), r=4, alpha=8)
     reference = peft.get_peft_model(bnb_4bit(tiny_llama()), peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=list(LINEARS)))
-    scramble_adapters(reference)
+    trained(reference, seed=3)
     weights = {key.removeprefix("base_model.model.").replace(".default", ""): t
                for key, t in reference.state_dict().items() if "lora_" in key}
     ours = add_lora(quantize_model(tiny_llama()), config, weights=weights)
@@ -77,7 +69,7 @@ def test_lora_on_the_4bit_base_equals_peft_on_bitsandbytes():
 def test_peft_qlora_folders_both_ways(tmp_path):
     config = LoraConfig(target_modules=["q_proj", "v_proj", "down_proj"], r=4, alpha=8)
     ours = add_lora(quantize_model(tiny_llama()), config)
-    scramble_adapters(ours)
+    trained(ours, seed=3)
     export_peft(ours, tmp_path / "ours")
     theirs = peft.PeftModel.from_pretrained(bnb_4bit(tiny_llama()), tmp_path / "ours")
     back = import_peft(quantize_model(tiny_llama()), tmp_path / "ours")
@@ -91,7 +83,7 @@ def test_peft_qlora_folders_both_ways(tmp_path):
 def test_only_the_adapters_train_and_checkpointing_gives_the_same_gradients(use_reentrant):
     def gradients(checkpointing: bool) -> dict[str, torch.Tensor]:
         model = add_lora(quantize_model(tiny_llama()), LoraConfig(target_modules=list(LINEARS)))
-        scramble_adapters(model)
+        trained(model, seed=3)
         model.train()
         if checkpointing:
             prepare_for_training(model, use_reentrant=use_reentrant)
@@ -107,7 +99,7 @@ def test_only_the_adapters_train_and_checkpointing_gives_the_same_gradients(use_
 
 def test_merging_keeps_the_update_that_requantising_would_round_away():
     model = add_lora(quantize_model(tiny_llama()), LoraConfig(target_modules=list(LINEARS), r=4))
-    scramble_adapters(model)
+    trained(model, seed=3)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:

@@ -1,4 +1,5 @@
-"""Tiny randomly initialised transformers models (BERT and Llama families) for fast tests."""
+"""Tiny randomly initialised transformers models (BERT and Llama families) for fast tests, and
+trained-looking values for what a method adds to them."""
 import torch
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
@@ -17,3 +18,14 @@ def tiny_llama(seed: int = 0) -> nn.Module:
     config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     return LlamaForCausalLM(config).eval()
+
+
+def trained(model: nn.Module, seed: int = 1, scale: float = 0.1) -> nn.Module:
+    """Random values (N(0, scale^2), seeded) in every trainable tensor, as if trained: a fresh
+    adapter (LoRA's B = 0, an identity adapter) would hide most mistakes. Returns `model`."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(scale * torch.randn(p.shape, generator=generator))
+    return model
