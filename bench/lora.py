@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 from minipeft import lora
-from minipeft.memory import count_parameters, peak_memory
+from minipeft.memory import count_parameters
 from timing import (BATCH, SEQ_LEN, forward_fn, inputs, load_base, median_times, peak_in_subprocess,
-                    print_table, train_step_fn)
+                    print_table, train_step_fn, training_peak)
 
 THREADS = 2
 R, ALPHA = 8, 16
@@ -69,10 +69,7 @@ def measure_peak(impl: str, targets_key: str) -> int:
     torch.set_num_threads(THREADS)
     model = with_lora(impl, load_base(), TARGETS[targets_key])
     step = train_step_fn(model, inputs())
-    with peak_memory() as mem:
-        for _ in range(MEMORY_STEPS):
-            step()
-    return mem.increase_bytes
+    return training_peak(step, MEMORY_STEPS)
 
 
 def bench(targets_key: str) -> list[tuple[str, float, float, str]]:

@@ -28,11 +28,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from torch import nn
 
-from minipeft.memory import count_parameters, peak_memory
+from minipeft.memory import count_parameters
 from minipeft.prompts import (PrefixTuningConfig, PromptTuningConfig, add_prefix_tuning,
                               add_prompt_tuning)
 from timing import (BATCH, SEQ_LEN, forward_fn, inputs, load_base, median_times, peak_in_subprocess,
-                    print_table, train_step_fn)
+                    print_table, train_step_fn, training_peak)
 
 THREADS = 2
 VIRTUAL_TOKENS = 20
@@ -72,10 +72,7 @@ def measure_peak(method_and_impl: str) -> int:
     torch.set_num_threads(THREADS)
     method, impl = method_and_impl.split(":")
     step = train_step_fn(with_method(method, impl, load_base()), inputs())
-    with peak_memory() as mem:
-        for _ in range(MEMORY_STEPS):
-            step()
-    return mem.increase_bytes
+    return training_peak(step, MEMORY_STEPS)
 
 
 def bench(method: str) -> list[tuple[str, float, float, str]]:

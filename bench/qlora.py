@@ -26,9 +26,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from torch import nn
 
-from minipeft.memory import count_parameters, format_bytes, peak_memory
+from minipeft.memory import count_parameters, format_bytes
 from minipeft.planner import plan
-from timing import bnb_4bit, median_times, peak_in_subprocess, print_table, train_step_fn
+from timing import (bnb_4bit, median_times, peak_in_subprocess, print_table, train_step_fn,
+                    training_peak)
 
 THREADS = 2
 RANK, ALPHA = 16, 32
@@ -73,10 +74,7 @@ def measure_peak(impl: str, batch: int, seq_len: int) -> int:
     """Run in a child process: peak RSS growth over MEMORY_STEPS training steps."""
     torch.set_num_threads(THREADS)
     step = train_step_fn(with_qlora(impl), batch_of(batch, seq_len))
-    with peak_memory() as mem:
-        for _ in range(MEMORY_STEPS):
-            step()
-    return mem.increase_bytes
+    return training_peak(step, MEMORY_STEPS)
 
 
 def bench(batch: int, seq_len: int) -> list[tuple[str, float, float, str]]:

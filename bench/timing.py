@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from minipeft.memory import format_bytes
+from minipeft.memory import format_bytes, peak_memory
 
 BATCH, SEQ_LEN = 16, 128
 
@@ -74,6 +74,15 @@ def forward_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[],
         with torch.no_grad():
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     return forward
+
+
+def training_peak(step: Callable[[], None], steps: int) -> int:
+    """Peak resident-memory growth over `steps` calls of a training step (what it allocates:
+    gradients, optimizer state, activations)."""
+    with peak_memory() as memory:
+        for _ in range(steps):
+            step()
+    return memory.increase_bytes
 
 
 def peak_in_subprocess(script: str, *args: str) -> int:
