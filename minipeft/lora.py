@@ -169,13 +169,8 @@ class LoraLinear(nn.Module):
         usually far smaller than one NF4 step. The 4-bit layer is kept for `unmerge`."""
         if self.active_adapter in self.lora_A:
             if isinstance(self.base_layer, Linear4bit):
-                self.four_bit, base = self.base_layer, self.base_layer
-                self.base_layer = nn.Linear(base.in_features, base.out_features,
-                                            bias=base.bias is not None, dtype=base.compute_dtype,
-                                            device=base.weight_packed.device).requires_grad_(False)
-                self.base_layer.weight.copy_(base.dequantized_weight())
-                if base.bias is not None:
-                    self.base_layer.bias.copy_(base.bias)
+                self.four_bit = self.base_layer
+                self.base_layer = self.four_bit.to_linear()
             self.base_layer.weight += self.delta_weight(self.active_adapter)  # W = W0 + s B A
         self.merged = True
 

@@ -261,9 +261,13 @@ class PrefixEncoder(nn.Module):
         self.attentions = attentions           # a plain list: the model already owns them
         self.heads, self.head_dim = heads, head_dim
 
-    def key_values(self, name: str) -> torch.Tensor:
-        """(n, layers * 2 * heads * head_dim): the prefixes of adapter `name`."""
-        return self.prefixes[name] if name in self.prefixes else self.projections[name]()
+    def active(self) -> torch.Tensor | None:
+        """(n, layers * 2 * heads * head_dim): the active adapter's prefixes (computed by its MLP,
+        if it has one), or None when none is active."""
+        name = self.active_adapter
+        if name in self.prefixes:
+            return self.prefixes[name]
+        return self.projections[name]() if name in self.projections else None
 
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
         """The prefixes, as peft saves them (`prompt_embeddings`): the MLP's output, not the MLP."""
@@ -409,15 +413,14 @@ def _hand_prefixes_to_attention(model: nn.Module, args: tuple,
     """The forward pre-hook: compute the active prefixes once (through the MLP, if any), give
     each attention module its layer's keys and values, and start the tokens' positions at n."""
     encoder = getattr(model, PREFIX_ENCODER)
-    if encoder.active_adapter not in encoder.prefixes and \
-            encoder.active_adapter not in encoder.projections:
-        return None                                      # disabled, or no prefix: the base model
+    prefixes = encoder.active()
+    if prefixes is None:                                 # disabled, or no prefix: the base model
+        return None
     _keyword_inputs(args, "prefix tuning")
     if getattr(model, "is_activation_checkpointing", False):
         raise ValueError("prefix tuning does not run with gradient checkpointing: the prefixes "
                          "are handed to the attention for one forward pass, and the recomputation "
                          "comes later. Call model.activation_checkpointing_disable().")
-    prefixes = encoder.key_values(encoder.active_adapter)
     n = prefixes.shape[0]
     prefixes = prefixes.view(n, len(encoder.attentions), 2, encoder.heads, encoder.head_dim)
     for layer, attention in enumerate(encoder.attentions):
@@ -428,8 +431,7 @@ def _hand_prefixes_to_attention(model: nn.Module, args: tuple,
         inputs = kwargs.get("input_ids")    # the cache's length): they come after the prefix
         length = (inputs if inputs is not None else kwargs["inputs_embeds"]).shape[1]
         seen = _past_length(kwargs)
-        device = prefixes.device
-        positions = torch.arange(seen, seen + length, device=device).unsqueeze(0)
+        positions = torch.arange(seen, seen + length, device=prefixes.device).unsqueeze(0)
     kwargs["position_ids"] = positions + n
     return args, kwargs
 

@@ -531,6 +531,16 @@ class Linear4bit(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize_nf4(self.weight_packed, self.state, dtype=self.compute_dtype)
 
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """The same layer as a frozen nn.Linear in the compute dtype, its weight dequantised."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           dtype=self.compute_dtype, device=self.weight_packed.device)
+        linear.weight.copy_(self.dequantized_weight())
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+        return linear.requires_grad_(False)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
         y = _DequantizedLinear.apply(x.to(self.compute_dtype), self.weight_packed, self.state, bias,

@@ -133,6 +133,11 @@ class Lesson:
     notebook: str = ""               # its file in lessons/, for the course map
     exercise: str = ""               # its exercise notebook in exercises/ (stem), if it has one
 
+    @property
+    def models(self) -> tuple[str, ...]:
+        """The keys of MODELS the lesson loads (none, one or several)."""
+        return (self.model,) if isinstance(self.model, str) else self.model or ()
+
 
 LESSONS: dict[int | str, Lesson] = {  # "2b": an optional companion of lesson 2
     1: Lesson("Full fine-tuning of BERT", offline_seconds=150, full_minutes=15,
@@ -282,8 +287,7 @@ def banner(s: Settings) -> str:
     else:
         device = f"cpu ({torch.get_num_threads()} threads)"
     lines = []
-    names = (info.model,) if info and isinstance(info.model, str) else (info and info.model) or ()
-    for name in names:
+    for name in info.models if info else ():
         model = MODELS[name]
         lines.append(f"model  : {model.offline_name if s.offline else model.online_id + ' (hub)'}")
     if info and info.data:

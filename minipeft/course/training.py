@@ -21,9 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from minipeft.memory import peak_memory
-
-
-IGNORE_INDEX = -100   # a label the loss skips
+from minipeft.prompts import IGNORE_INDEX
 
 
 def prompt_answer_batch(tokenizer, prompts: list[str], answers: list[str],

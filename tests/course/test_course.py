@@ -81,8 +81,7 @@ def test_banner_shows_the_lessons_own_model_and_data(monkeypatch):
 def test_every_lesson_names_a_course_model_and_data_set_and_its_notebook():
     root = Path(__file__).resolve().parents[2]
     for number, lesson in course.LESSONS.items():
-        models = (lesson.model,) if isinstance(lesson.model, str) else lesson.model or ()
-        assert set(models) <= set(course.MODELS)
+        assert set(lesson.models) <= set(course.MODELS)
         assert lesson.data is None or lesson.data in course.DATA
         assert (root / "lessons" / f"{lesson.notebook}.ipynb").is_file(), number
         assert not lesson.exercise or (root / "exercises" / f"{lesson.exercise}.ipynb").is_file()

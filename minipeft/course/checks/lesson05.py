@@ -9,9 +9,8 @@ from torch import nn
 
 from minipeft.course.checks import (Case, Draw, Exercise, Inputs, Mistake, Outputs, Question,
                                     register)
-from minipeft.prompts import PREFIX_SLOT, PromptEncoder, _prepend_prompt, prefix_attention
-
-IGNORE = -100
+from minipeft.prompts import (IGNORE_INDEX, PREFIX_SLOT, PromptEncoder, _prepend_prompt,
+                              prefix_attention)
 
 # --------------------------------------------------------------------------------------------------
 # 1. The prompt-tuning input
@@ -26,7 +25,7 @@ def _prompt_cases(draw: Draw) -> list[Case]:
         labels = torch.randint(0, 50, (batch, length), generator=draw.generator)
         return Case(name, {"P": draw.tensor(n, d), "embeds": draw.tensor(batch, length, d),
                            "attention_mask": mask,
-                           "labels": labels.masked_fill(mask == 0, IGNORE)})
+                           "labels": labels.masked_fill(mask == 0, IGNORE_INDEX)})
 
     return [case("one example", 1, 5, 3, 8),
             case("a padded batch", 3, 6, 4, 8, padded=2),
@@ -52,8 +51,8 @@ def _reference_prompt(P, embeds, attention_mask, labels):
     return kwargs["inputs_embeds"], kwargs["attention_mask"], kwargs["labels"]
 
 
-def _prompt_with(P, embeds, mask, labels, *, prompt_first=True, mask_fill=1, label_fill=IGNORE,
-                 extend_mask=True, extend_labels=True):
+def _prompt_with(P, embeds, mask, labels, *, prompt_first=True, mask_fill=1,
+                 label_fill=IGNORE_INDEX, extend_mask=True, extend_labels=True):
     """The input written with the usual slips as options."""
     batch, n = embeds.shape[0], P.shape[0]
     prompts = P.expand(batch, -1, -1)
