@@ -118,8 +118,7 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
 def export_peft(model: nn.Module, out_dir: str | Path, adapter_name: str = "default",
                 base_model_name_or_path: str | None = None) -> Path:
     """Write LoRA, prompt-tuning or prefix-tuning adapter `adapter_name` as a peft adapter folder
-    that
-    `PeftModel.from_pretrained(base, out_dir)` loads.
+    that `PeftModel.from_pretrained(base, out_dir)` loads.
 
     `base_model_name_or_path` defaults to the model's own `name_or_path` (a hub id or local folder),
     as peft does.
@@ -130,8 +129,8 @@ def export_peft(model: nn.Module, out_dir: str | Path, adapter_name: str = "defa
                                        base_model_name_or_path)
     if not isinstance(config, LoraConfig):
         raise ValueError(f"export_peft writes LoRA, prompt-tuning and prefix-tuning adapters; "
-                         f"{adapter_name!r} "
-                         f"is a {type(config).__name__}, which peft does not have.")
+                         f"{adapter_name!r} is a {type(config).__name__}, which peft does not "
+                         "have.")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = {PEFT_PREFIX + key: t

