@@ -51,7 +51,9 @@ def compute_dtype_for(device: torch.device | str, requested: torch.dtype | None 
     return torch.bfloat16 if device.type == "cuda" and has_bf16 else torch.float32
 
 
-def _targets(model: nn.Module, target_modules: str | list[str]) -> list[tuple[str, nn.Linear]]:
+def targeted_linears(model: nn.Module, target_modules: str | list[str]
+                     ) -> list[tuple[str, nn.Linear]]:
+    """(name, layer) of the nn.Linear layers `target_modules` names in `model`; an error if none."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if target_modules == ALL_LINEAR:
@@ -74,7 +76,7 @@ def quantize_model(model: nn.Module, target_modules: str | list[str] = ALL_LINEA
     full-precision weight can be freed before the next is quantised, so the peak is the 4-bit
     model plus one layer. `target_modules`: "all-linear" (all but the output head), or names as in
     LoraConfig. Checked before the model is touched."""
-    targets = _targets(model, target_modules)
+    targets = targeted_linears(model, target_modules)
     device = next(model.parameters()).device
     dtype = compute_dtype_for(device, compute_dtype)
     for name, linear in targets:

@@ -1,0 +1,166 @@
+"""minipeft.loading: a checkpoint read into 4 bits tensor by tensor is the model that loading it
+whole and quantising gives (same bytes, same logits), with a lower peak, and bad checkpoints or too
+little memory stop it before anything is half-loaded."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+import minipeft.loading as loading
+from minipeft.loading import load_quantized, read_safetensors
+from minipeft.qlora import quantize_model
+from minipeft.quant import Linear4bit
+from tests.tiny_models import tiny_llama, tiny_qwen2
+
+IDS = torch.tensor([[5, 17, 42, 8, 3, 99], [7, 7, 1, 60, 4, 9]])
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def saved(model: torch.nn.Module, folder: Path, **kwargs) -> Path:
+    model.save_pretrained(folder, **kwargs)
+    return folder
+
+
+def assert_same_4bit_model(ours: torch.nn.Module, reference: torch.nn.Module) -> None:
+    layers = {n: m for n, m in ours.named_modules() if isinstance(m, Linear4bit)}
+    assert layers and layers.keys() == {n for n, m in reference.named_modules()
+                                        if isinstance(m, Linear4bit)}
+    for name, layer in layers.items():
+        other = reference.get_submodule(name)
+        assert torch.equal(layer.weight_packed, other.weight_packed), name
+        assert torch.equal(layer.absmax, other.absmax), name
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=IDS).logits, reference(input_ids=IDS).logits,
+                                   rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_qwen2], ids=["llama", "qwen2-tied-biases"])
+def test_loading_tensor_by_tensor_equals_loading_whole_then_quantising(tmp_path, make):
+    folder = saved(make(), tmp_path)
+    ours = load_quantized(folder)
+    reference = quantize_model(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32))
+    assert_same_4bit_model(ours, reference)
+    assert ours.lm_head.weight.dtype == torch.float32 and not ours.training
+    if make is tiny_qwen2:
+        assert ours.lm_head.weight is ours.model.embed_tokens.weight
+        assert ours.model.layers[0].self_attn.q_proj.bias is not None
+
+
+def test_a_sharded_bf16_checkpoint_loads_into_the_requested_compute_dtype(tmp_path):
+    folder = saved(tiny_llama().to(torch.bfloat16), tmp_path, max_shard_size="20KB")
+    assert len(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"])
+    ours = load_quantized(folder, ["q_proj", "v_proj"], compute_dtype=torch.float32)
+    reference = quantize_model(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32),
+                               ["q_proj", "v_proj"], compute_dtype=torch.float32)
+    assert_same_4bit_model(ours, reference)
+    assert isinstance(ours.model.layers[0].mlp.up_proj, torch.nn.Linear)
+
+
+def test_rotary_frequencies_are_recomputed_not_left_empty(tmp_path):
+    model = tiny_llama()
+    ours = load_quantized(saved(model, tmp_path))
+    assert torch.equal(ours.model.rotary_emb.inv_freq, model.model.rotary_emb.inv_freq)
+
+
+def test_the_reader_gives_the_saved_tensors_back(tmp_path):
+    from safetensors.torch import save_file
+    tensors = {"a": torch.randn(3, 4), "b": torch.arange(5, dtype=torch.int64),
+               "c": torch.randn(2, dtype=torch.bfloat16), "empty": torch.zeros(0)}
+    save_file(tensors, tmp_path / "x.safetensors")
+    got = dict(read_safetensors(tmp_path / "x.safetensors"))
+    assert got.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name
+
+
+def test_a_pickled_checkpoint_is_refused_not_unpickled(tmp_path):
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(FileNotFoundError, match="safetensors only.*save_pretrained"):
+        load_quantized(tmp_path)
+
+
+def test_a_truncated_checkpoint_is_an_error(tmp_path):
+    folder = saved(tiny_llama(), tmp_path)
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[:-100])
+    with pytest.raises(ValueError, match="truncated"):
+        load_quantized(folder)
+
+
+def test_weights_of_another_shape_than_the_config_says_are_an_error(tmp_path):
+    folder = saved(tiny_llama(), tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["vocab_size"] = 120
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="shape.*config.json and weights disagree"):
+        load_quantized(folder)
+
+
+def test_too_little_memory_is_refused_before_reading_anything(tmp_path, monkeypatch):
+    folder = saved(tiny_llama(), tmp_path)
+    read = []
+    monkeypatch.setattr(loading, "free_memory_bytes", lambda device: 1000)
+    monkeypatch.setattr(loading, "read_safetensors", lambda path: read.append(path) or iter(()))
+    with pytest.raises(MemoryError, match=r"needs about .* GiB on cpu .* free.*check_memory"):
+        load_quantized(folder)
+    assert read == []
+
+
+def test_the_plan_counts_the_4bit_model_exactly(tmp_path):
+    folder = saved(tiny_llama(), tmp_path)
+    model = load_quantized(folder)
+    tensors = [*model.parameters(), *model.buffers()]
+    size = sum(t.numel() * t.element_size() for t in tensors)
+    with torch.device("meta"):
+        skeleton = LlamaForCausalLM(LlamaConfig.from_pretrained(folder))
+    quantized = {n for n, m in model.named_modules() if isinstance(m, Linear4bit)}
+    plan = loading.plan_load(skeleton, [folder / "model.safetensors"], quantized, torch.float32,
+                             64, True)
+    assert plan.model_bytes == size
+
+
+PEAK_SCRIPT = textwrap.dedent("""
+    import gc, sys, tempfile, torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from minipeft.loading import load_quantized
+    from minipeft.memory import peak_memory, rss_bytes
+    from minipeft.qlora import quantize_model
+    route, folder = sys.argv[1], sys.argv[2]
+    load = (load_quantized if route == "stream" else lambda f: quantize_model(
+        AutoModelForCausalLM.from_pretrained(f, dtype=torch.float32)))
+    load(sys.argv[3]); gc.collect()             # libraries and kernels loaded before measuring
+    start = rss_bytes()
+    with peak_memory() as peak:
+        model = load(folder)
+    print(peak.peak_bytes - start)
+""")
+
+
+def test_the_peak_stays_near_the_4bit_model_and_below_loading_it_whole(tmp_path):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=512, intermediate_size=1536,
+                         num_hidden_layers=6, num_attention_heads=8, max_position_embeddings=64)
+    big, small = saved(LlamaForCausalLM(config), tmp_path / "big"), saved(tiny_llama(),
+                                                                           tmp_path / "small")
+    peaks = {}
+    for route in ("stream", "whole"):
+        out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, route, str(big), str(small)],
+                             capture_output=True, text=True, cwd=ROOT, timeout=120, check=True)
+        peaks[route] = int(out.stdout.split()[-1])
+    with torch.device("meta"):
+        skeleton = LlamaForCausalLM(config)
+    quantized = {n for n, m in load_quantized(big).named_modules() if isinstance(m, Linear4bit)}
+    plan = loading.plan_load(skeleton, [big / "model.safetensors"], quantized, torch.float32,
+                             64, True)
+    whole_model = sum(p.numel() * 4 for p in skeleton.parameters())
+    assert peaks["stream"] < 0.5 * peaks["whole"], peaks
+    assert peaks["whole"] >= whole_model, peaks          # loading whole holds the float32 model
+    # building the model's Python objects and importing its code: about 7 MiB measured here
+    assert peaks["stream"] <= plan.peak_bytes + 12 * 2**20, (peaks, plan)
