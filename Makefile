@@ -48,7 +48,7 @@ lab: setup
 test: setup
 	@start=$$(date +%s); \
 	$(OFFLINE) $(PY) -m pytest $(wildcard tests lessons solutions) --nbval-lax --nbval-current-env \
-	    --nbval-cell-timeout=300 -p no:cacheprovider; rc=$$?; \
+	    --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=300 -p no:cacheprovider; rc=$$?; \
 	echo "make test: finished in $$(( $$(date +%s) - start )) s (pytest exit code $$rc)"; \
 	if [ $$rc -eq 5 ]; then echo "make test: no tests collected"; exit 0; fi; exit $$rc
 

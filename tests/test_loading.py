@@ -127,40 +127,37 @@ def test_the_plan_counts_the_4bit_model_exactly(tmp_path):
 
 
 PEAK_SCRIPT = textwrap.dedent("""
-    import gc, sys, tempfile, torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    import gc, sys, torch
+    from transformers import AutoModelForCausalLM
     from minipeft.loading import load_quantized
     from minipeft.memory import peak_memory, rss_bytes
     from minipeft.qlora import quantize_model
-    route, folder = sys.argv[1], sys.argv[2]
-    load = (load_quantized if route == "stream" else lambda f: quantize_model(
-        AutoModelForCausalLM.from_pretrained(f, dtype=torch.float32)))
-    load(sys.argv[3]); gc.collect()             # libraries and kernels loaded before measuring
-    start = rss_bytes()
-    with peak_memory() as peak:
-        model = load(folder)
-    print(peak.peak_bytes - start)
+    folder, warm_up = sys.argv[1], sys.argv[2]
+    routes = {"stream": load_quantized, "whole": lambda f: quantize_model(
+        AutoModelForCausalLM.from_pretrained(f, dtype=torch.float32))}
+    for load in routes.values():                # libraries and kernels loaded before measuring
+        load(warm_up)
+    for route, load in routes.items():          # streaming first: what it frees, whole reuses
+        gc.collect()
+        start = rss_bytes()
+        with peak_memory() as peak:
+            model = load(folder)
+        del model
+        print(route, peak.peak_bytes - start)
 """)
 
 
 def test_the_peak_stays_near_the_4bit_model_and_below_loading_it_whole(tmp_path):
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=256, hidden_size=512, intermediate_size=1536,
-                         num_hidden_layers=6, num_attention_heads=8, max_position_embeddings=64)
+                         num_hidden_layers=10, num_attention_heads=8, max_position_embeddings=64)
     big, small = saved(LlamaForCausalLM(config), tmp_path / "big"), saved(tiny_llama(),
                                                                            tmp_path / "small")
-    peaks = {}
-    for route in ("stream", "whole"):
-        out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, route, str(big), str(small)],
-                             capture_output=True, text=True, cwd=ROOT, timeout=120, check=True)
-        peaks[route] = int(out.stdout.split()[-1])
-    with torch.device("meta"):
-        skeleton = LlamaForCausalLM(config)
-    quantized = {n for n, m in load_quantized(big).named_modules() if isinstance(m, Linear4bit)}
-    plan = loading.plan_load(skeleton, [big / "model.safetensors"], quantized, torch.float32,
-                             64, True)
-    whole_model = sum(p.numel() * 4 for p in skeleton.parameters())
-    assert peaks["stream"] < 0.5 * peaks["whole"], peaks
-    assert peaks["whole"] >= whole_model, peaks          # loading whole holds the float32 model
-    # building the model's Python objects and importing its code: about 7 MiB measured here
-    assert peaks["stream"] <= plan.peak_bytes + 12 * 2**20, (peaks, plan)
+    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(big), str(small)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120, check=True)
+    peaks = {route: int(n) for route, n in (line.split() for line in out.stdout.splitlines())}
+    linear_weights = sum(m.weight.numel() * 4 for m in LlamaForCausalLM(config).modules()
+                         if isinstance(m, torch.nn.Linear))
+    # whole: the float32 model, at least its linear weights; streaming: a fraction of that (the
+    # plan against a measured peak is in lesson 7, on a model large enough to read it)
+    assert peaks["whole"] >= linear_weights > 2 * peaks["stream"], (peaks, linear_weights)

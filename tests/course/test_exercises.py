@@ -53,13 +53,8 @@ def unchecked_outputs(name: str) -> list[str]:
 
 @pytest.mark.parametrize("name", notebooks())
 def test_solution_grades_full_and_exercise_grades_zero_not_attempted(name):
-    # nbval runs every solution and compares each check's committed "all pass" line; a solution
-    # with a check nbval cannot compare (exercise 3's training run prints its timing) is graded
-    # here too, on other random cases (seed 2024), so each part of every solution is proven once.
-    if unchecked_outputs(name):
-        solved = grader.grade_notebook(SOLUTIONS / f"{name}.ipynb", seed=2024)
-        assert solved.score == solved.max_score, solved.table()
-        assert not solved.notebook_problems
+    # nbval runs every solution and compares each check's committed "all pass" line (see
+    # test_nbval_compares_every_check_of_every_solution), so the solutions are not graded again.
 
     shipped = grader.grade_notebook(EXERCISES_DIR / f"{name}.ipynb", seed=2024)
     assert shipped.assignment == name and shipped.score == 0
@@ -69,8 +64,9 @@ def test_solution_grades_full_and_exercise_grades_zero_not_attempted(name):
     assert shipped.max_score >= 3 * len(exercises_of(name)) + 3
 
 
-def test_only_exercise_3s_training_check_escapes_nbval():
-    assert {name for name in notebooks() if unchecked_outputs(name)} == {"03_lora"}
+def test_nbval_compares_every_check_of_every_solution():
+    # a training check's summary line holds its time and loss: tests/nbval_sanitize.cfg masks them
+    assert {name: unchecked_outputs(name) for name in notebooks() if unchecked_outputs(name)} == {}
 
 
 # ---------------------------------------------------------------- the generator itself
