@@ -95,6 +95,9 @@ def prepare_for_training(model: nn.Module, gradient_checkpointing: bool = True,
     if gradient_checkpointing:
         model.activation_checkpointing_enable(
             activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        # a training forward keeps no key/value cache (it would be thrown away); saying so here
+        # spares a warning on every step. generate() still uses its cache.
+        model.config.use_cache = False
         if use_reentrant:
             model.enable_input_require_grads()
     return model

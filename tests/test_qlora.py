@@ -87,6 +87,7 @@ def test_only_the_adapters_train_and_checkpointing_gives_the_same_gradients(use_
         model.train()
         if checkpointing:
             prepare_for_training(model, use_reentrant=use_reentrant)
+            assert model.config.use_cache is False       # no cache warning on every step
         model(input_ids=IDS, labels=IDS).loss.backward()
         assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
         return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}

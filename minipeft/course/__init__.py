@@ -114,6 +114,15 @@ MODELS: dict[str, ModelSpec] = {
         offline_path=_smollm2_path,
         task="causal-lm",
     ),
+    # Lesson 7's QLoRA model: a 7B in the full profile (Apache-2.0, no login, unlike Llama and
+    # Mistral); offline, the same small Llama-architecture model as "llm"
+    "llm-7b": ModelSpec(
+        online_id="Qwen/Qwen2.5-7B",
+        offline_name="SmolLM2-135M-Instruct (standing in for the 7B: the same code at 1/50 "
+                     "of the size)",
+        offline_path=_smollm2_path,
+        task="causal-lm",
+    ),
 }
 
 DATA = {  # name -> what it is, by profile
@@ -140,7 +149,7 @@ class Lesson:
 
 
 LESSONS: dict[int | str, Lesson] = {  # "2b": an optional companion of lesson 2
-    1: Lesson("Full fine-tuning of BERT", offline_seconds=150, full_minutes=15,
+    1: Lesson("Full fine-tuning of BERT", offline_seconds=105, full_minutes=15,
               notebook="01_full_finetuning", exercise="01_full_finetuning"),
     2: Lesson("The math of LoRA", offline_seconds=40, full_minutes=15,
               notebook="02_lora_math", exercise="02_lora"),
@@ -155,6 +164,8 @@ LESSONS: dict[int | str, Lesson] = {  # "2b": an optional companion of lesson 2
               exercise="05_prompt_tuning"),
     6: Lesson("Quantisation and NF4", offline_seconds=40, full_minutes=5,
               notebook="06_nf4_quantization", exercise="06_nf4"),
+    7: Lesson("QLoRA: a 7B model on one GPU", offline_seconds=65, full_minutes=60,
+              model="llm-7b", notebook="07_qlora"),
 }
 
 
@@ -311,6 +322,17 @@ def model_source(name: str, profile: str | None = None) -> str:
         raise KeyError(f"no course model {name!r}: choose one of {sorted(MODELS)}")
     spec = MODELS[name]
     return spec.online_id if (profile or settings().profile) == "full" else spec.offline_path()
+
+
+def model_folder(name: str, profile: str | None = None) -> str:
+    """A local folder holding a course model's config, tokenizer and safetensors weights: the
+    offline directory, or (full profile) the hub repository downloaded into the hub's cache."""
+    source = model_source(name, profile)
+    if Path(source).is_dir():
+        return source
+    from huggingface_hub import snapshot_download
+    return snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "tokenizer*",
+                                                     "*.txt"])
 
 
 def load_model(name: str, num_labels: int = 2, pretrained: bool = True,
