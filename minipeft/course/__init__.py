@@ -164,8 +164,8 @@ LESSONS: dict[int | str, Lesson] = {  # "2b": an optional companion of lesson 2
               exercise="05_prompt_tuning"),
     6: Lesson("Quantisation and NF4", offline_seconds=40, full_minutes=5,
               notebook="06_nf4_quantization", exercise="06_nf4"),
-    7: Lesson("QLoRA: a 7B model on one GPU", offline_seconds=65, full_minutes=60,
-              model="llm-7b", notebook="07_qlora"),
+    7: Lesson("QLoRA: a 7B model on one GPU", offline_seconds=75, full_minutes=60,
+              model="llm-7b", notebook="07_qlora", exercise="07_qlora"),
 }
 
 

@@ -252,6 +252,27 @@ def prefix_param_count(layers, n, heads, kv_heads, head_dim, *, both=2, use_head
     return (layers if per_layer else 1) * both * n * (heads if use_heads else kv_heads) * head_dim
 
 
+def nf4_storage_bytes(n, blocksize, double_quant, *, pack=True, odd=True, round_up=True,
+                      constants=True, dq_byte=True, second_level=True):
+    blocks = -(-n // blocksize) if round_up else n // blocksize
+    codes = ((n + 1) // 2 if odd else n // 2) if pack else n
+    if not constants:
+        return codes
+    if double_quant and dq_byte:
+        return codes + blocks + ((4 * -(-blocks // 256) + 4) if second_level else 0)
+    return codes + 4 * blocks
+
+
+def lora_trainable_params(layers, num_blocks, r, targets, *, a_only=False, full=False,
+                          blocks=True, every=False, square=False):
+    total = 0
+    for name, (d_in, d_out) in layers.items():
+        if name in targets or every:
+            total += (d_in * d_out if full else r * d_in if a_only
+                      else 2 * r * d_in if square else r * (d_in + d_out))
+    return total * (num_blocks if blocks else 1)
+
+
 def train_lora_without_training(model, tokenizer, data):
     return inject_lora(model, 8, 16)
 
@@ -272,6 +293,8 @@ RIGHT = {
     "prompt_inputs": prompt_inputs,
     "attention_with_prefix": attention_with_prefix,
     "prefix_param_count": prefix_param_count,
+    "nf4_storage_bytes": nf4_storage_bytes,
+    "lora_trainable_params": lora_trainable_params,
     "quantize_nf4_blockwise": quantize,
     "dequantize_nf4_blockwise": dequantize,
 }
@@ -393,6 +416,17 @@ WRONG = [
     ("prefix_param_count", lambda *a: prefix_param_count(*a, both=1), "Keys and values"),
     ("prefix_param_count", lambda *a: prefix_param_count(*a, use_heads=True), "key/value heads"),
     ("prefix_param_count", lambda *a: prefix_param_count(*a, per_layer=False), "multiply by the layers"),
+    ("nf4_storage_bytes", lambda *a: nf4_storage_bytes(*a, constants=False), "constants count too"),
+    ("nf4_storage_bytes", lambda *a: nf4_storage_bytes(*a, pack=False), "share a byte"),
+    ("nf4_storage_bytes", lambda *a: nf4_storage_bytes(*a, odd=False), "half-used byte"),
+    ("nf4_storage_bytes", lambda *a: nf4_storage_bytes(*a, round_up=False), "round the block count up"),
+    ("nf4_storage_bytes", lambda *a: nf4_storage_bytes(*a, dq_byte=False), "1-byte code, not 4"),
+    ("nf4_storage_bytes", lambda *a: nf4_storage_bytes(*a, second_level=False), "second level"),
+    ("lora_trainable_params", lambda *a: lora_trainable_params(*a, a_only=True), "A and B both train"),
+    ("lora_trainable_params", lambda *a: lora_trainable_params(*a, full=True), "not the layer's in x out"),
+    ("lora_trainable_params", lambda *a: lora_trainable_params(*a, blocks=False), "multiply by the number of blocks"),
+    ("lora_trainable_params", lambda *a: lora_trainable_params(*a, every=True), "Only the targeted layers"),
+    ("lora_trainable_params", lambda *a: lora_trainable_params(*a, square=True), "narrower than q"),
 ]
 
 
