@@ -1,14 +1,16 @@
-"""Draw the course's method diagrams: LoRA, adapters, prompt/prefix tuning, NF4, LoRA in a layer.
+"""Draw the course's method diagrams: LoRA, adapters, prompt/prefix tuning, NF4, LoRA in a layer,
+QLoRA.
 
 Run it from the repository root:
 
     python lessons/figures/make_figures.py
 
-It writes lora.png, adapters.png, prompts.png, nf4.png and lora_in_block.png next to itself
+It writes lora.png, adapters.png, prompts.png, nf4.png, lora_in_block.png and qlora.png next to it
 (lessons/figures/), then embeds each into the lessons whose markdown shows it
 (`![...](attachment:lora.png)`), so that the figures show offline, on GitHub and on Colab, where a
-notebook opens without the files beside it (tests/test_notebooks.py checks the copies are current). Only matplotlib and numpy are used, with a fixed seed and no timestamp in the
-PNG metadata, so two runs give byte-identical files. The colours are the same in every figure:
+notebook opens without the files beside it (tests/test_notebooks.py checks the copies are
+current). Only matplotlib and numpy are used, with a fixed seed and no timestamp in the PNG
+metadata, so two runs give byte-identical files. The colours are the same in every figure:
 orange for trainable parameters, grey-blue for frozen ones (Okabe-Ito based, readable with the
 common colour-vision deficiencies).
 """
@@ -577,6 +579,57 @@ def draw_lora_in_block() -> None:
     _save(fig, "lora_in_block.png")
 
 
+# -------------------------------------------------------------------------------------------- QLoRA
+
+def draw_qlora() -> None:
+    """qlora.png: Y = X doubleDequant(c1, c2, W0_NF4)^T + s X A^T B^T, and where parts live."""
+    height = 6.2
+    fig, ax = _canvas(height, "QLoRA: LoRA trained through a frozen 4-bit base")
+    _legend(ax, (8.9, 5.5), height, ncol=1)
+    d, r = 2.0, 0.32
+
+    _box(ax, 0.45, 2.3, r, d, ACTIVATION, r"input $X$  (bf16)", rotation=90)
+    ax.plot([0.45 + r, 1.3], [3.3, 3.3], color=INK, linewidth=1.3)
+    _dot(ax, (1.3, 3.3))
+    ax.plot([1.3, 1.3], [3.3, 4.4], color=INK, linewidth=1.3)
+    _arrow(ax, (1.3, 3.3), (1.3, 1.9), (2.0, 1.9))
+
+    # Frozen path: stored as 4-bit codes and two levels of constants, dequantised per forward.
+    _box(ax, 1.7, 4.85, 1.45, 0.7, FROZEN, "$W_0$: NF4 codes\n4 bits each", fontsize=9)
+    _box(ax, 3.25, 4.85, 1.0, 0.7, FROZEN, "$c_1$: 8-bit\nper 64", fontsize=9)
+    _box(ax, 4.35, 4.85, 0.85, 0.7, FROZEN, "$c_2$: fp32\nper 256·64", fontsize=8)
+    _arrow(ax, (5.2, 5.2), (6.25, 5.2), (6.25, 4.97))
+    ax.text(5.72, 5.28, "doubleDequant", ha="center", va="bottom", fontsize=9, color=MUTED)
+    ax.add_patch(Rectangle((5.6, 3.75), 1.3, 1.2, facecolor="white", edgecolor=INK,
+                           linewidth=1.2, linestyle="--"))
+    ax.text(6.25, 4.35, "$W_0$ in bf16\n(one layer,\nthis step only)", ha="center",
+            va="center", fontsize=9)
+    _arrow(ax, (1.3, 4.4), (5.6, 4.4))
+    _arrow(ax, (6.9, 4.4), (8.0, 4.4), (8.0, 3.52))
+    ax.text(7.45, 4.5, "$X W_0^\\top$", ha="center", va="bottom", fontsize=11)
+
+    # Trainable path: LoRA in fp32.
+    _box(ax, 2.0, 1.74, d, r, TRAINABLE, "A  (fp32)")
+    _arrow(ax, (2.0 + d, 1.9), (4.5, 1.9))
+    _box(ax, 4.5, 0.9, r, d, TRAINABLE, "B  (fp32)", rotation=90)
+    _arrow(ax, (4.5 + r, 1.9), (6.55, 1.9))
+    ax.add_patch(Circle((6.85, 1.9), 0.3, facecolor="white", edgecolor=INK, linewidth=1.3))
+    ax.text(6.85, 1.9, r"$\times\, s$", ha="center", va="center", fontsize=12)
+    _arrow(ax, (7.15, 1.9), (8.0, 1.9), (8.0, 3.08))
+
+    _plus(ax, (8.0, 3.3))
+    _arrow(ax, (8.22, 3.3), (8.95, 3.3))
+    _box(ax, 8.95, 2.3, r, d, ACTIVATION, r"output $Y$", rotation=90)
+
+    ax.text(0.45, 0.45, r"$Y = X\,\mathrm{doubleDequant}(c_1, c_2, W_0^{\mathrm{NF4}})^\top"
+            r" + s\,X A^\top B^\top$", ha="left", va="center", fontsize=14)
+    ax.text(WIDTH - 0.3, 0.45,
+            "gradients flow through $W_0$ to the layers below;\n$W_0$ gets none. AdamW's "
+            "state for A and B\ncan live in host memory (paged optimizers)",
+            ha="right", va="center", fontsize=9.5, color=MUTED, linespacing=1.5)
+    _save(fig, "qlora.png")
+
+
 def embed_in_lessons() -> None:
     """Attach each figure a lesson's markdown refers to (`attachment:NAME.png`) to that cell."""
     for path in sorted(HERE.parent.glob("*.ipynb")):
@@ -590,12 +643,13 @@ def embed_in_lessons() -> None:
 
 
 def main() -> None:
-    """Draw all five figures into this script's folder, and embed them in the lessons."""
+    """Draw all six figures into this script's folder, and embed them in the lessons."""
     draw_lora()
     draw_adapters()
     draw_prompts()
     draw_nf4()
     draw_lora_in_block()
+    draw_qlora()
     embed_in_lessons()
 
 
