@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 CONFIGS_ATTR = "minipeft_configs"  # model attribute: adapter name -> config, for every method
+ALL_LINEAR = "all-linear"  # peft's target_modules shorthand: every linear layer but the head
 
 
 def matches(name: str, patterns: str | list[str]) -> bool:

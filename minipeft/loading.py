@@ -27,8 +27,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from minipeft.inject import replace_module
-from minipeft.qlora import ALL_LINEAR, compute_dtype_for, targeted_linears
+from minipeft.inject import ALL_LINEAR, replace_module
+from minipeft.qlora import compute_dtype_for, targeted_linears
 from minipeft.quant import Linear4bit, quantize_nf4
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,

@@ -27,15 +27,16 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Mapping
 
 import torch
 from torch import nn
 
-from minipeft.inject import (CONFIGS_ATTR, ModulesToSave, check_adapter_name, check_not_merged,
-                             check_weights, disable_adapters, finish_adding, last_names, matches,
-                             replace_module, saved_shapes, set_active_adapter, unwrapped_saved)
+from minipeft.inject import (ALL_LINEAR, CONFIGS_ATTR, ModulesToSave, check_adapter_name,
+                             check_not_merged, check_weights, disable_adapters, finish_adding,
+                             last_names, matches, replace_module, saved_shapes,
+                             set_active_adapter, unwrapped_saved)
 from minipeft.quant import Linear4bit
 
 @dataclass
@@ -45,6 +46,8 @@ class LoraConfig:
     target_modules: a str is a regex that must match a module's full name (`re.fullmatch`); a list
         matches modules whose full name equals an entry or ends with "." + entry ("query" matches
         "bert.encoder.layer.0.attention.self.query"). Matched modules must be nn.Linear.
+        "all-linear" (as in peft, QLoRA's choice) names every linear layer but the output head:
+        add_lora replaces it by the list of their full names, which adapter files record.
     modules_to_save: modules trained in full next to LoRA (e.g. ["classifier"], a freshly
         initialised head), matched like a target_modules list. Each adapter gets its own trainable
         copy.
@@ -218,6 +221,7 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default"
     configs = getattr(model, CONFIGS_ATTR, {})
     check_adapter_name(adapter_name, configs)
     check_not_merged(model, "add an adapter")
+    config = _with_all_linear_named(model, config)
     targets, to_save = _find_modules(model, config)
     if weights is not None:
         expected = {f"{path}.{key}": shape for path, m in targets
@@ -287,6 +291,20 @@ def _named_base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         if isinstance(module, _ADAPTER_LAYERS):
             inside.append(name + ".")
         yield name, module
+
+
+def _with_all_linear_named(model: nn.Module, config: LoraConfig) -> LoraConfig:
+    """`config` with target_modules="all-linear" replaced by the full names of every linear
+    layer but the output head, as peft records them."""
+    if config.target_modules != ALL_LINEAR:
+        return config
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = sorted(name for name, m in _named_base_modules(model)
+                   if isinstance(m, LINEAR) and _unwrapped(m) is not head)
+    if not names:
+        raise ValueError(f"target_modules='all-linear': {type(model).__name__} has no linear "
+                         "layer besides its output head.")
+    return replace(config, target_modules=names)
 
 
 def _find_modules(model: nn.Module, config: LoraConfig) -> tuple[list[tuple[str, nn.Module]],

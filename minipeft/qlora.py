@@ -23,10 +23,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from minipeft.inject import last_names, matches, replace_module
+from minipeft.inject import ALL_LINEAR, last_names, matches, replace_module
 from minipeft.quant import Linear4bit
-
-ALL_LINEAR = "all-linear"   # every nn.Linear but the output head, as peft's target_modules
 
 
 def compute_dtype_for(device: torch.device | str, requested: torch.dtype | None = None

@@ -443,3 +443,18 @@ def test_weights_that_do_not_fit_are_refused_and_change_nothing():
     with pytest.raises(ValueError, match="missing: "):
         add_lora(model, CONFIGS["bert"][1], weights=weights)
     assert_same_structure(structure(model), before)
+
+
+@pytest.mark.parametrize("model_name", ["llama", "bert"])
+def test_all_linear_adapts_what_peft_adapts_and_records_the_names(model_name):
+    ours = add_lora(MODELS[model_name](), LoraConfig(target_modules="all-linear", r=4))
+    theirs = peft.get_peft_model(MODELS[model_name](), peft.LoraConfig(
+        r=4, target_modules="all-linear"))
+    adapted = {name for name, m in ours.named_modules() if isinstance(m, LoraLinear)}
+    assert adapted == {name.removeprefix("base_model.model.") for name, m
+                       in theirs.named_modules() if isinstance(m, peft.tuners.lora.Linear)}
+    assert count_parameters(ours).trainable == theirs.get_nb_trainable_parameters()[0]
+    names = ours.minipeft_configs["default"].target_modules
+    assert names == sorted(theirs.peft_config["default"].target_modules)   # what files record
+    if model_name == "llama":
+        assert "lm_head" not in names
