@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,15 +43,26 @@ QUANTIZE_SCRATCH_BYTES = 4
 
 def safetensors_header(path: str | Path) -> tuple[dict, int]:
     """The JSON header of a .safetensors file (name -> dtype, shape, data_offsets) and the byte
-    where the data starts. Nothing else is read."""
+    where the data starts, checked against the file's size. Nothing else is read."""
+    size = Path(path).stat().st_size
     with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))       # a little-endian u64, then the JSON
-        header = json.loads(f.read(length))
+        raw = f.read(8)                                   # a little-endian u64, then the JSON
+        length = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+        header = json.loads(f.read(length)) if 0 < length <= size - 8 else None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is not a safetensors file (a Git LFS pointer, or a download "
+                         "cut short?): fetch it again, e.g. `git lfs pull` in its repository.")
     header.pop("__metadata__", None)
     for name, info in header.items():
         if info.get("dtype") not in SAFETENSORS_DTYPES:
             raise ValueError(f"{path}: tensor {name!r} has dtype {info.get('dtype')!r}, which "
-                             f"load_quantized does not read ({', '.join(SAFETENSORS_DTYPES)}).")
+                             f"load_quantized does not read ({', '.join(SAFETENSORS_DTYPES)}): "
+                             "save the model in bf16, fp16 or fp32 first.")
+        begin, end = info["data_offsets"]
+        itemsize = torch.empty(0, dtype=SAFETENSORS_DTYPES[info["dtype"]]).element_size()
+        if end - begin != math.prod(info["shape"]) * itemsize or begin < 0:
+            raise ValueError(f"{path}: tensor {name!r}'s bytes do not fit its shape and dtype; "
+                             "the file is damaged: fetch it again.")
     return header, 8 + length
 
 
@@ -99,13 +111,21 @@ class LoadPlan:
 def plan_load(model: nn.Module, files: list[Path], quantized: set[str], dtype: torch.dtype,
               blocksize: int, double_quant: bool) -> LoadPlan:
     """Predict the memory of loading `files` into the meta `model`, from the headers alone."""
-    width = torch.empty(0, dtype=dtype).element_size()
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    seen: set[str] = set()
     model_bytes = largest = 0
     for file in files:
         for name, info in safetensors_header(file)[0].items():
+            name = tied.get(name, name)
+            if name in seen:                      # a tied pair stored under both names
+                continue
+            seen.add(name)
+            stored = SAFETENSORS_DTYPES[info["dtype"]]
+            kept = dtype if stored.is_floating_point else stored
+            width = torch.empty(0, dtype=kept).element_size()
             numel = math.prod(info["shape"])
             read = info["data_offsets"][1] - info["data_offsets"][0]
-            converted = numel * width if SAFETENSORS_DTYPES[info["dtype"]] != dtype else 0
+            converted = numel * width if stored != kept else 0
             if name.removesuffix(".weight") in quantized:
                 blocks = -(-numel // blocksize)
                 # double quantisation: an 8-bit code per block, an fp32 per 256 blocks, an offset
@@ -165,33 +185,44 @@ def load_quantized(folder: str | Path, target_modules: str | list[str] = ALL_LIN
 
     # a tied head and embedding are one tensor, which a checkpoint may store under either name
     tied = getattr(model, "all_tied_weights_keys", None) or {}
-    pending: dict[str, dict[str, torch.Tensor]] = {}       # a quantised layer waiting for its bias
+    ignored = [re.compile(p) for p in [r"rotary_emb\.inv_freq$",     # older checkpoints' copies
+                                       *(model._keys_to_ignore_on_load_unexpected or [])]]
+    biased = {name for name in quantized if model.get_submodule(name).bias is not None}
+    early_biases: dict[str, torch.Tensor] = {}        # biases read before their weight
     for file in files:
         for name, tensor in read_safetensors(file):
             name = tied.get(name, name)
             module_name, _, kind = name.rpartition(".")
-            if module_name in quantized:
-                pending.setdefault(module_name, {})[kind] = tensor.to(device, dtype)
-                _quantize_when_complete(model, module_name, pending, blocksize, double_quant,
-                                        dtype)
+            if any(p.search(name) for p in ignored):
+                continue
+            if module_name in quantized and kind == "weight":
+                _quantize(model, module_name, tensor.to(device, dtype), blocksize, double_quant,
+                          dtype, early_biases.pop(module_name, None))
+            elif module_name in quantized and kind == "bias":
+                layer = model.get_submodule(module_name)
+                if isinstance(layer, Linear4bit):
+                    layer.bias = nn.Parameter(tensor.to(device, dtype), requires_grad=False)
+                else:
+                    early_biases[module_name] = tensor.to(device, dtype)
             else:
                 _set_tensor(model, name, tensor.to(device, dtype if tensor.is_floating_point()
                                                     else tensor.dtype))
     _recompute_buffers(model, device)
     model.tie_weights()
-    _check_nothing_missing(model, folder)
+    _check_nothing_missing(model, folder, quantized, biased)
     return model.eval()
 
 
-def _quantize_when_complete(model: nn.Module, name: str, pending: dict, blocksize: int,
-                            double_quant: bool, dtype: torch.dtype) -> None:
-    linear = model.get_submodule(name)
-    parts = pending[name]
-    if "weight" not in parts or (linear.bias is not None and "bias" not in parts):
-        return
-    packed, state = quantize_nf4(parts["weight"], blocksize, double_quant)
-    replace_module(model, name, Linear4bit(packed, state, parts.get("bias"), dtype))
-    del pending[name]                                          # the 16-bit weight goes here
+def _quantize(model: nn.Module, name: str, weight: torch.Tensor, blocksize: int,
+              double_quant: bool, dtype: torch.dtype, bias: torch.Tensor | None) -> None:
+    """Replace the meta nn.Linear at `name` by a Linear4bit of `weight`; the 16-bit weight is
+    freed when the caller lets go of it."""
+    expected = tuple(model.get_submodule(name).weight.shape)
+    if tuple(weight.shape) != expected:
+        raise ValueError(f"{name}.weight: the checkpoint's shape {tuple(weight.shape)} is not "
+                         f"the model's {expected}; config.json and weights disagree.")
+    packed, state = quantize_nf4(weight, blocksize, double_quant)
+    replace_module(model, name, Linear4bit(packed, state, bias, dtype))
 
 
 def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -208,9 +239,10 @@ def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
         raise ValueError(f"{name}: the checkpoint's shape {tuple(tensor.shape)} is not the "
                          f"model's {tuple(old.shape)}; config.json and weights disagree.")
     if isinstance(old, nn.Parameter):
-        setattr(module, attr, nn.Parameter(tensor, requires_grad=old.requires_grad))
-    else:
-        setattr(module, attr, tensor)
+        tensor = nn.Parameter(tensor, requires_grad=old.requires_grad)
+    # transformers' initialisers skip tensors marked so; _recompute_buffers relies on it
+    tensor._is_hf_initialized = True
+    setattr(module, attr, tensor)
 
 
 def _recompute_buffers(model: nn.Module, device: torch.device) -> None:
@@ -225,9 +257,14 @@ def _recompute_buffers(model: nn.Module, device: torch.device) -> None:
             model._init_weights(module)
 
 
-def _check_nothing_missing(model: nn.Module, folder: str | Path) -> None:
+def _check_nothing_missing(model: nn.Module, folder: str | Path, quantized: set[str],
+                           biased: set[str]) -> None:
     missing = [name for name, t in [*model.named_parameters(), *model.named_buffers()]
                if t.is_meta]
+    missing += [f"{name}.weight" for name in sorted(quantized)
+                if not isinstance(model.get_submodule(name), Linear4bit)]
+    missing += [f"{name}.bias" for name in sorted(biased)
+                if model.get_submodule(name).bias is None]
     if missing:
         raise ValueError(f"{folder} lacks {len(missing)} tensors the model needs, e.g. "
                          f"{missing[:3]}: an incomplete or mismatched checkpoint.")

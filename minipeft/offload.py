@@ -4,9 +4,9 @@ AdamW (Loshchilov and Hutter, 2019) keeps two float32 moments per trained parame
 top of the 4-byte weight and its 4-byte gradient. QLoRA's third ingredient, paged optimizers,
 keeps that state out of the GPU's way: bitsandbytes allocates it in CUDA unified memory
 (`cudaMallocManaged`), which the driver moves to host memory page by page only when the GPU runs
-out, and prefetches back before each step (only for tensors of at least 1e5 elements). Nothing
-pages while the GPU has room, so it saves memory exactly when a memory spike would have ended
-the run.
+out, and prefetches back before each step. Only tensors of at least 1e5 elements get such memory;
+smaller ones stay on the GPU. Nothing pages while the GPU has room, so it saves memory exactly
+when a memory spike would have ended the run.
 
 `OffloadedAdamW` does the same job deliberately and visibly: the moments always live in host
 memory (pinned when a GPU is present, so copies run at full speed), and each parameter's
@@ -45,17 +45,21 @@ class OffloadedAdamW(torch.optim.Optimizer):
                              f" eps={eps}, weight_decay={weight_decay}.")
         if not all(0 <= beta < 1 for beta in betas):
             raise ValueError(f"OffloadedAdamW: betas must be in [0, 1), got {betas}.")
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.bytes_moved = 0
         self.largest_device_state_bytes = 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.dtype != torch.float32:
-                    raise ValueError(f"OffloadedAdamW updates float32 parameters, got one of "
-                                     f"{p.dtype} with shape {tuple(p.shape)}: keep trainable "
-                                     "parameters in float32 (minipeft's adapters are), or use "
-                                     "torch.optim.AdamW.")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    def add_param_group(self, param_group: dict) -> None:
+        """As torch's (the constructor calls it too), for float32 parameters only."""
+        params = param_group["params"]
+        for p in [params] if isinstance(params, torch.Tensor) else params:
+            if p.dtype != torch.float32:
+                raise ValueError(f"OffloadedAdamW updates float32 parameters, got one of "
+                                 f"{p.dtype} with shape {tuple(p.shape)}: keep trainable "
+                                 "parameters in float32 (minipeft's adapters are), or use "
+                                 "torch.optim.AdamW.")
+        super().add_param_group(param_group)
 
     def _host_zeros(self, p: torch.Tensor) -> torch.Tensor:
         return torch.zeros(p.shape, dtype=torch.float32, pin_memory=self.pin_memory)
@@ -73,9 +77,13 @@ class OffloadedAdamW(torch.optim.Optimizer):
             self.bytes_moved += host.nbytes
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """As torch's, which puts the moments on each parameter's device; back to the host."""
+        """As torch's, which puts the moments on each parameter's device: back to the host. A
+        step count saved by torch's AdamW (a tensor) becomes an int again, as this one keeps it,
+        so that the bias corrections are computed as before."""
         super().load_state_dict(state_dict)
         for state in self.state.values():
+            if "step" in state:
+                state["step"] = int(state["step"])
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in state and (state[key].device.type != "cpu"
                                      or state[key].is_pinned() != self.pin_memory):

@@ -38,7 +38,9 @@ def compute_dtype_for(device: torch.device | str, requested: torch.dtype | None 
                                       and requested.is_floating_point):
         raise ValueError(f"compute_dtype must be a floating-point torch.dtype (torch.bfloat16, "
                          f"torch.float32, ...), got {requested!r}.")
-    has_bf16 = device.type != "cuda" or torch.cuda.is_bf16_supported()
+    # native bf16 units from compute capability 8.0 (A100); is_bf16_supported() would also count
+    # a T4's emulation, which is slow
+    has_bf16 = device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 0)
     if requested == torch.bfloat16 and not has_bf16:
         raise ValueError(f"{torch.cuda.get_device_name(device)} cannot compute in bfloat16 (it "
                          "needs compute capability 8.0, an A100 or newer). Use "
@@ -59,8 +61,8 @@ def targeted_linears(model: nn.Module, target_modules: str | list[str]
     else:
         found = [(name, m) for name, m in linears if matches(name, target_modules)]
     if not found:
-        raise ValueError(f"quantize_model: target_modules={target_modules!r} matched no nn.Linear "
-                         f"of {type(model).__name__}. Its Linear layers' names end in: "
+        raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear of "
+                         f"{type(model).__name__}. Its Linear layers' names end in: "
                          f"{last_names(linears) or '(it has none)'}; or use 'all-linear'.")
     return found
 

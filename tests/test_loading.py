@@ -86,6 +86,32 @@ def test_a_pickled_checkpoint_is_refused_not_unpickled(tmp_path):
         load_quantized(tmp_path)
 
 
+def test_a_git_lfs_pointer_is_named_as_such(tmp_path):
+    saved(tiny_llama(), tmp_path)
+    (tmp_path / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\n"
+                                                "oid sha256:0123\nsize 123456\n")
+    with pytest.raises(ValueError, match="not a safetensors file.*git lfs pull"):
+        load_quantized(tmp_path)
+
+
+def test_old_checkpoints_rotary_copies_are_skipped_and_late_biases_attached(tmp_path):
+    from safetensors.torch import load_file, save_file
+    model = tiny_qwen2()
+    folder = saved(model, tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)   # as Llama-2's
+    biases = {k: v for k, v in tensors.items() if k.endswith("proj.bias")}
+    save_file({k: v for k, v in tensors.items() if k not in biases}, folder / "a.safetensors")
+    save_file(biases, folder / "b.safetensors")           # every bias after its weight
+    (folder / "model.safetensors").unlink()
+    weight_map = {k: "a.safetensors" for k in tensors if k not in biases} | {
+        k: "b.safetensors" for k in biases}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    ours = load_quantized(folder)
+    reference = quantize_model(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32))
+    assert_same_4bit_model(ours, reference)
+
+
 def test_a_truncated_checkpoint_is_an_error(tmp_path):
     folder = saved(tiny_llama(), tmp_path)
     data = (folder / "model.safetensors").read_bytes()

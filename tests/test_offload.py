@@ -59,9 +59,27 @@ def test_a_saved_and_reloaded_optimizer_continues_the_same_run():
         assert torch.equal(value, expected[name]), name
 
 
+def test_a_state_saved_by_torchs_adamw_continues_bit_for_bit():
+    uninterrupted, resumed = adapted(), adapted()
+    train(uninterrupted, torch.optim.AdamW([p for p in uninterrupted.parameters()
+                                            if p.requires_grad], foreach=False), 4)
+    params = [p for p in resumed.parameters() if p.requires_grad]
+    theirs = torch.optim.AdamW(params, foreach=False)
+    train(resumed, theirs, 2)
+    ours = OffloadedAdamW(params)
+    ours.load_state_dict(theirs.state_dict())                 # step saved as a float tensor
+    train(resumed, ours, 2)
+    expected = trainable(uninterrupted)
+    for name, value in trainable(resumed).items():
+        assert torch.equal(value, expected[name]), name
+
+
 def test_what_it_cannot_update_is_refused():
     with pytest.raises(ValueError, match="float32 parameters.*bfloat16"):
         OffloadedAdamW([torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))])
+    optimizer = OffloadedAdamW([torch.nn.Parameter(torch.zeros(3))])
+    with pytest.raises(ValueError, match="float32 parameters.*float16"):
+        optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2).half())]})
     with pytest.raises(ValueError, match="betas"):
         OffloadedAdamW([torch.nn.Parameter(torch.zeros(3))], betas=(0.9, 1.0))
     with pytest.raises(ValueError, match="lr"):

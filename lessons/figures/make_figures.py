@@ -596,8 +596,8 @@ def draw_qlora() -> None:
 
     # Frozen path: stored as 4-bit codes and two levels of constants, dequantised per forward.
     _box(ax, 1.7, 4.85, 1.45, 0.7, FROZEN, "$W_0$: NF4 codes\n4 bits each", fontsize=9)
-    _box(ax, 3.25, 4.85, 1.0, 0.7, FROZEN, "$c_1$: 8-bit\nper 64", fontsize=9)
-    _box(ax, 4.35, 4.85, 0.85, 0.7, FROZEN, "$c_2$: fp32\nper 256·64", fontsize=8)
+    _box(ax, 3.25, 4.85, 1.0, 0.7, FROZEN, "$c_2$: 8-bit\nper 64", fontsize=9)
+    _box(ax, 4.35, 4.85, 0.85, 0.7, FROZEN, "$c_1$: fp32\nper 256·64", fontsize=8)
     _arrow(ax, (5.2, 5.2), (6.25, 5.2), (6.25, 4.97))
     ax.text(5.72, 5.28, "doubleDequant", ha="center", va="bottom", fontsize=9, color=MUTED)
     ax.add_patch(Rectangle((5.6, 3.75), 1.3, 1.2, facecolor="white", edgecolor=INK,

@@ -263,12 +263,12 @@ def nf4_storage_bytes(n, blocksize, double_quant, *, pack=True, odd=True, round_
     return codes + 4 * blocks
 
 
-def lora_trainable_params(layers, num_blocks, r, targets, *, a_only=False, full=False,
-                          blocks=True, every=False, square=False):
+def lora_trainable_params(layers, num_blocks, r, targets, *, a_only=False, b_only=False,
+                          full=False, blocks=True, every=False, square=False):
     total = 0
     for name, (d_in, d_out) in layers.items():
         if name in targets or every:
-            total += (d_in * d_out if full else r * d_in if a_only
+            total += (d_in * d_out if full else r * d_in if a_only else r * d_out if b_only
                       else 2 * r * d_in if square else r * (d_in + d_out))
     return total * (num_blocks if blocks else 1)
 
@@ -423,6 +423,7 @@ WRONG = [
     ("nf4_storage_bytes", lambda *a: nf4_storage_bytes(*a, dq_byte=False), "1-byte code, not 4"),
     ("nf4_storage_bytes", lambda *a: nf4_storage_bytes(*a, second_level=False), "second level"),
     ("lora_trainable_params", lambda *a: lora_trainable_params(*a, a_only=True), "A and B both train"),
+    ("lora_trainable_params", lambda *a: lora_trainable_params(*a, b_only=True), "B is out x r and A"),
     ("lora_trainable_params", lambda *a: lora_trainable_params(*a, full=True), "not the layer's in x out"),
     ("lora_trainable_params", lambda *a: lora_trainable_params(*a, blocks=False), "multiply by the number of blocks"),
     ("lora_trainable_params", lambda *a: lora_trainable_params(*a, every=True), "Only the targeted layers"),

@@ -141,6 +141,8 @@ register(Exercise(
     mistakes=(
         Mistake("A and B both train: A is r x in, B is out x r, so r (in + out) per layer.",
                 lambda L, n, r, t: _lora_with(L, n, r, t, per_layer=lambda i, o: r * i)),
+        Mistake("A and B both train: B is out x r and A is r x in, so r (in + out) per layer.",
+                lambda L, n, r, t: _lora_with(L, n, r, t, per_layer=lambda i, o: r * o)),
         Mistake("LoRA trains r (in + out) numbers per layer, not the layer's in x out.",
                 lambda L, n, r, t: _lora_with(L, n, r, t, per_layer=lambda i, o: i * o)),
         Mistake("Every block has its own adapters: multiply by the number of blocks.",
@@ -152,7 +154,7 @@ register(Exercise(
                 lambda L, n, r, t: _lora_with(L, n, r, t, per_layer=lambda i, o: 2 * r * i)),
     ),
     hint="Per targeted layer: r (in + out); per block: the sum over the targets; in the model: "
-         "times the blocks (lesson 2, and lesson 7, section 6).",
+         "times the blocks (lesson 2; lesson 7, sections 5 and 6).",
 ))
 
 # --------------------------------------------------------------------------------------------------
