@@ -140,17 +140,27 @@ def plan_load(model: nn.Module, files: list[Path], quantized: set[str], dtype: t
     return LoadPlan(model_bytes, largest)
 
 
+CGROUP = Path("/sys/fs/cgroup")      # a container's memory limit (cgroup v2), where there is one
+
+
 def free_memory_bytes(device: torch.device) -> int | None:
-    """Memory free for a new allocation on `device`: MemAvailable of the host (Linux), the
-    GPU's free memory on CUDA; None where it cannot be known."""
+    """Memory free for a new allocation on `device`: on the host (Linux), MemAvailable, or less
+    where a container's limit leaves less; the GPU's free memory on CUDA; None where it cannot
+    be known."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:
         with open("/proc/meminfo") as f:
             fields = dict(line.split(":", 1) for line in f)
-        return int(fields["MemAvailable"].split()[0]) * 1024
+        free = int(fields["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
         return None
+    try:
+        limit = (CGROUP / "memory.max").read_text().strip()
+        used = int((CGROUP / "memory.current").read_text())
+    except (OSError, ValueError):
+        return free
+    return free if limit == "max" else min(free, int(limit) - used)
 
 
 @torch.no_grad()

@@ -139,6 +139,18 @@ def test_too_little_memory_is_refused_before_reading_anything(tmp_path, monkeypa
     assert read == []
 
 
+def test_a_containers_memory_limit_counts_when_it_leaves_less(tmp_path, monkeypatch):
+    monkeypatch.setattr(loading, "CGROUP", tmp_path)
+    host = loading.free_memory_bytes(torch.device("cpu"))           # no limit files: the host's
+    assert host and host > 0
+    (tmp_path / "memory.max").write_text("max\n")
+    (tmp_path / "memory.current").write_text("123\n")
+    assert abs(loading.free_memory_bytes(torch.device("cpu")) - host) < 2**28
+    (tmp_path / "memory.max").write_text(f"{2**30}\n")
+    (tmp_path / "memory.current").write_text(f"{2**29}\n")
+    assert loading.free_memory_bytes(torch.device("cpu")) == 2**29
+
+
 def test_the_plan_counts_the_4bit_model_exactly(tmp_path):
     folder = saved(tiny_llama(), tmp_path)
     model = load_quantized(folder)
