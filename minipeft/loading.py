@@ -30,7 +30,7 @@ from torch import nn
 
 from minipeft.inject import ALL_LINEAR, replace_module
 from minipeft.qlora import compute_dtype_for, targeted_linears
-from minipeft.quant import Linear4bit, quantize_nf4
+from minipeft.quant import Linear4bit, nf4_nbytes, quantize_nf4
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
                       "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
@@ -59,7 +59,7 @@ def safetensors_header(path: str | Path) -> tuple[dict, int]:
                              f"load_quantized does not read ({', '.join(SAFETENSORS_DTYPES)}): "
                              "save the model in bf16, fp16 or fp32 first.")
         begin, end = info["data_offsets"]
-        itemsize = torch.empty(0, dtype=SAFETENSORS_DTYPES[info["dtype"]]).element_size()
+        itemsize = SAFETENSORS_DTYPES[info["dtype"]].itemsize
         if end - begin != math.prod(info["shape"]) * itemsize or begin < 0:
             raise ValueError(f"{path}: tensor {name!r}'s bytes do not fit its shape and dtype; "
                              "the file is damaged: fetch it again.")
@@ -122,15 +122,12 @@ def plan_load(model: nn.Module, files: list[Path], quantized: set[str], dtype: t
             seen.add(name)
             stored = SAFETENSORS_DTYPES[info["dtype"]]
             kept = dtype if stored.is_floating_point else stored
-            width = torch.empty(0, dtype=kept).element_size()
+            width = kept.itemsize
             numel = math.prod(info["shape"])
             read = info["data_offsets"][1] - info["data_offsets"][0]
             converted = numel * width if stored != kept else 0
             if name.removesuffix(".weight") in quantized:
-                blocks = -(-numel // blocksize)
-                # double quantisation: an 8-bit code per block, an fp32 per 256 blocks, an offset
-                constants = (blocks + 4 * -(-blocks // 256) + 4 if double_quant else 4 * blocks)
-                model_bytes += (numel + 1) // 2 + constants
+                model_bytes += nf4_nbytes(numel, blocksize, double_quant)
                 step = read + converted + numel * QUANTIZE_SCRATCH_BYTES
             else:                          # the tensor read (or its conversion) is the model's
                 model_bytes += numel * width

@@ -258,6 +258,16 @@ def quantize_nf4(x: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
     return packed, NF4State(codes, x.shape, x.dtype, blocksize, offset, nested_absmax)
 
 
+def nf4_nbytes(numel: int, blocksize: int = 64, double_quant: bool = False) -> int:
+    """Bytes `quantize_nf4` stores for `numel` values, counted without quantising: packed codes
+    (two per byte), and one fp32 absmax per block, or with double quantisation an 8-bit code per
+    block plus an fp32 absmax per NESTED_BLOCKSIZE blocks and one fp32 offset."""
+    blocks = -(-numel // blocksize)
+    constants = (blocks + 4 * -(-blocks // NESTED_BLOCKSIZE) + 4 if double_quant
+                 else 4 * blocks)
+    return (numel + 1) // 2 + constants
+
+
 def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | None = None, *,
                    backend: Backend = "auto") -> torch.Tensor:
     """The tensor `packed` and `state` describe, of shape `state.shape`, in `dtype` (default:

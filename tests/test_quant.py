@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from minipeft.quant import (NF4_CODE, NF4_MIDPOINTS, Linear4bit, NF4State, dequantize_nf4, dynamic_8bit_code,
-                            nf4_code_from_normal_quantiles, quantize_nf4)
+                            nf4_code_from_normal_quantiles, nf4_nbytes, quantize_nf4)
 from nf4_inputs import DTYPES, bnb_quantize, needs_c_kernel, random
 
 with warnings.catch_warnings():
@@ -319,3 +319,10 @@ def test_linear4bit_on_cuda():
     x = torch.randn(8, 96, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     layer(x).sum().backward()
     assert x.grad is not None and layer.weight_packed.is_cuda
+
+
+@pytest.mark.parametrize("numel, blocksize, double_quant", [
+    (64, 64, False), (75, 16, False), (1001, 64, True), (64 * 600 + 5, 64, True)])
+def test_nf4_nbytes_counts_what_quantize_nf4_stores(numel, blocksize, double_quant):
+    packed, state = quantize_nf4(torch.randn(numel), blocksize, double_quant)
+    assert nf4_nbytes(numel, blocksize, double_quant) == packed.numel() + state.nbytes()
