@@ -75,6 +75,17 @@ PEFT_UNSUPPORTED = ("use_dora", "lora_bias", "fan_in_fan_out", "rank_pattern", "
                     "kasa_config")
 
 
+def model_class_name(model: nn.Module) -> str:
+    """The model's class, as an adapter file records it. FSDP2's `fully_shard` gives a model a
+    subclass of its own named FSDP<class>: the adapter belongs to the class underneath."""
+    from torch.distributed.fsdp import FSDPModule
+
+    cls = type(model)
+    if isinstance(model, FSDPModule):
+        cls = next(base for base in cls.__bases__ if not issubclass(base, FSDPModule))
+    return cls.__name__
+
+
 def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default") -> Path:
     """Write adapter `adapter_name` of `model` to the folder `path` (created if needed); returns
     `path`.
@@ -85,7 +96,7 @@ def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     path.mkdir(parents=True, exist_ok=True)
     save_file(_detached(adapter_state_dict(model, adapter_name)), path / WEIGHTS_NAME)
     _write_json(path / CONFIG_NAME, {"format": FORMAT, "method": method, "config": asdict(config),
-                                     "base_model_class": type(model).__name__})
+                                     "base_model_class": model_class_name(model)})
     return path
 
 
@@ -106,9 +117,9 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     if meta.get("method") not in METHODS:
         raise ValueError(f"{path / CONFIG_NAME}: unknown adapter method {meta.get('method')!r}; "
                          f"this minipeft knows {sorted(METHODS)}.")
-    if meta.get("base_model_class") != type(model).__name__:
+    if meta.get("base_model_class") != model_class_name(model):
         raise ValueError(f"The adapter in {path} was trained on a {meta.get('base_model_class')}, "
-                         f"but the model given is a {type(model).__name__}. Load it into the base "
+                         f"but the model given is a {model_class_name(model)}. Load it into the base "
                          "model it was trained on.")
     config_cls, add = METHODS[meta["method"]]
     config = _build_config(config_cls, meta.get("config"), path / CONFIG_NAME)

@@ -16,6 +16,16 @@ LoRA, QLoRA), it adds up, in bytes:
                   probabilities cross-entropy keeps for backward, and their gradient: at long
                   sequences and large vocabularies the largest single item
 
+On several GPUs (`gpus=N`), the figures are per GPU, each with its share of the batch (`batch` is
+per GPU):
+
+    ddp           every item as on one GPU, plus DDP's gradient buckets (a copy of the
+                  gradients of what trains, which it all-reduces)
+    fsdp          weights and trainable state divided by N; plus two blocks gathered whole (the
+                  one computing and the next, prefetched) and one block's whole gradients before
+                  they are reduce-scattered; with `cpu_offload`, the shards live in host memory
+                  and only the gathered blocks, activations and logits are on the GPU
+
 Not included: the CUDA context (about 0.3-0.5 GiB), allocator slack and fragmentation, and
 temporary buffers inside kernels. A plan is a lower bound to compare with a measured peak, not a
 promise.
@@ -23,14 +33,16 @@ promise.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
 Method = Literal["full", "lora", "qlora"]
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 DECODERS = ("llama", "mistral", "qwen2", "olmo2")
-SHIPPED = ("llama-2-7b", "mistral-7b", "qwen2.5-7b", "olmo-2-7b")
+SEVEN_B = ("llama-2-7b", "mistral-7b", "qwen2.5-7b", "olmo-2-7b")
+SHIPPED = (*SEVEN_B, "llama-2-13b", "llama-2-70b")
+Strategy = Literal["ddp", "fsdp"]
 ADAMW_STATE_BYTES = 8          # fp32 first and second moments
 BLOCKSIZE, DOUBLE_QUANT_BLOCK = 64, 256
 
@@ -125,11 +137,12 @@ class MemoryPlan:
     trainable_state: int          # weights + gradients + AdamW moments of what trains
     activations: int
     logits: int
+    communication: int = 0        # DDP's gradient buckets, or FSDP's gathered blocks
 
     @property
     def total(self) -> int:
         return (self.quantized_weights + self.quantization_constants + self.other_weights
-                + self.trainable_state + self.activations + self.logits)
+                + self.trainable_state + self.activations + self.logits + self.communication)
 
     def rows(self) -> dict[str, int]:
         return {"4-bit codes": self.quantized_weights,
@@ -137,17 +150,26 @@ class MemoryPlan:
                 "other weights (16/32-bit)": self.other_weights,
                 "trainable: weights, gradients, AdamW": self.trainable_state,
                 "activations": self.activations, "logits and their gradient": self.logits,
+                **({"gathered blocks, gradient buckets": self.communication}
+                   if self.communication else {}),
                 "total": self.total}
 
 
 def plan(config: Mapping[str, Any] | Any, method: Method = "qlora", *, batch: int = 1,
          seq_len: int = 512, rank: int = 16, targets: str = "all-linear",
          weight_dtype: str = "bfloat16", checkpointing: bool = True,
-         double_quant: bool = True) -> MemoryPlan:
-    """Predict the training memory of `config` (a transformers config or its dict) under `method`.
-    `targets`: "all-linear" (QLoRA's choice) or "attention" (q and v, the LoRA paper's)."""
+         double_quant: bool = True, gpus: int = 1, strategy: Strategy = "fsdp",
+         cpu_offload: bool = False) -> MemoryPlan:
+    """Predict the training memory of `config` (a transformers config or its dict) under `method`,
+    per GPU. `targets`: "all-linear" (QLoRA's choice) or "attention" (q and v, the LoRA paper's).
+    `gpus`, `strategy` ("ddp" or "fsdp"), `cpu_offload` (FSDP's): see the module's docstring."""
     if method not in ("full", "lora", "qlora"):
         raise ValueError(f"plan: method must be 'full', 'lora' or 'qlora', got {method!r}.")
+    if strategy not in ("ddp", "fsdp") or not isinstance(gpus, int) or gpus < 1:
+        raise ValueError(f"plan: gpus must be a whole number >= 1 and strategy 'ddp' or 'fsdp', "
+                         f"got gpus={gpus!r}, strategy={strategy!r}.")
+    if cpu_offload and (gpus == 1 or strategy != "fsdp"):
+        raise ValueError("plan: cpu_offload is FSDP's: pass gpus > 1 and strategy='fsdp'.")
     if weight_dtype not in DTYPE_BYTES:
         raise ValueError(f"plan: weight_dtype must be one of {sorted(DTYPE_BYTES)}, got "
                          f"{weight_dtype!r}.")
@@ -181,4 +203,32 @@ def plan(config: Mapping[str, Any] | Any, method: Method = "qlora", *, batch: in
     # a language model's logits over its vocabulary (a BERT classifier's few logits are nothing)
     vocab = 0 if shape.model_type == "bert" else shape.vocab
     logits = tokens * vocab * (width + (4 if width != 4 else 0) + 4 + 4)
-    return MemoryPlan(codes, constants, weights, trainable, state, activations, logits)
+    one_gpu = MemoryPlan(codes, constants, weights, trainable, state, activations, logits)
+    if gpus == 1:
+        return one_gpu
+    gradient_width = 4 if method != "full" else width
+    if strategy == "ddp":
+        return replace(one_gpu, communication=trainable * gradient_width)
+    share = 0 if cpu_offload else gpus       # 0: the shards live in host memory
+    block = _block_bytes(shape, method, width, double_quant)
+    block_trainable = trainable // shape.layers if method == "full" else lora_params // shape.layers
+    return replace(one_gpu, quantized_weights=_shard(codes, share),
+                   quantization_constants=_shard(constants, share),
+                   other_weights=_shard(weights, share), trainable_state=_shard(state, share),
+                   communication=2 * block + block_trainable * gradient_width)
+
+
+def _shard(nbytes: int, gpus: int) -> int:
+    """One GPU's share of `nbytes` split over `gpus` (0: none of it is on a GPU)."""
+    return -(-nbytes // gpus) if gpus else 0
+
+
+def _block_bytes(shape: Shape, method: Method, width: int, double_quant: bool) -> int:
+    """One transformer block's weights as FSDP gathers them: NF4 codes and constants for QLoRA's
+    linear layers, the weight dtype otherwise (its norms are a rounding error here)."""
+    linear = shape.linear_params() // shape.layers
+    if method != "qlora":
+        return linear * width
+    blocks = linear // BLOCKSIZE
+    return linear // 2 + (blocks + 4 * (blocks // DOUBLE_QUANT_BLOCK) if double_quant
+                          else 4 * blocks)

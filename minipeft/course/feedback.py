@@ -397,8 +397,8 @@ def _safely(exercise: Exercise, solution: Callable, case: Case) -> Outputs | Non
     return result.outputs if result.status == ANSWERED else None
 
 
-def _explains(wrong: Outputs | None, expected: Outputs, got: Answer, found: Difference | None,
-              tolerance: float | None) -> bool:
+def _explains(wrong: Outputs | None, expected: Outputs | None, got: Answer,
+              found: Difference | None, tolerance: float | None) -> bool:
     """Does a mistake's output agree with the learner's: all of it where the learner is right, and
     the output that differs from the reference where the learner is wrong?"""
     if wrong is None or got.status != ANSWERED:
@@ -420,9 +420,12 @@ def judge(exercise: Exercise, cases: list[Case], answers: list[Answer]) -> Exerc
     case and, among those, on the most cases overall (mistakes can agree on one case and not on
     others).
     """
-    expected = [answer(exercise, exercise.reference, case) for case in cases]
+    # The reference runs only where there is an answer to compare: an untouched exercise (a
+    # training run's reference takes seconds) costs nothing to grade.
+    expected = [answer(exercise, exercise.reference, case) if got.status == ANSWERED else None
+                for case, got in zip(cases, answers)]
     for case, reference in zip(cases, expected):
-        if reference.status != ANSWERED:
+        if reference is not None and reference.status != ANSWERED:
             raise RuntimeError(f"the reference of {exercise.name!r} failed on case "
                                f"{case.name!r}: {reference}")
     differences = [difference(ref.outputs, got.outputs, exercise.tolerance, exercise.describe,
@@ -432,8 +435,9 @@ def judge(exercise: Exercise, cases: list[Case], answers: list[Answer]) -> Exerc
     explains: list[list[bool]] = []
     if any(d is not None for d in differences):
         for mistake in exercise.mistakes:
-            wrong = [_safely(exercise, mistake.solution, case) for case in cases]
-            explains.append([_explains(w, ref.outputs, got, found, exercise.tolerance)
+            wrong = [_safely(exercise, mistake.solution, case) if got.status == ANSWERED
+                     else None for case, got in zip(cases, answers)]
+            explains.append([_explains(w, ref and ref.outputs, got, found, exercise.tolerance)
                              for w, ref, got, found in zip(wrong, expected, answers,
                                                            differences)])
 
