@@ -119,8 +119,8 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
                          f"this minipeft knows {sorted(METHODS)}.")
     if meta.get("base_model_class") != model_class_name(model):
         raise ValueError(f"The adapter in {path} was trained on a {meta.get('base_model_class')}, "
-                         f"but the model given is a {model_class_name(model)}. Load it into the base "
-                         "model it was trained on.")
+                         f"but the model given is a {model_class_name(model)}. Load it into the "
+                         "base model it was trained on.")
     config_cls, add = METHODS[meta["method"]]
     config = _build_config(config_cls, meta.get("config"), path / CONFIG_NAME)
     return add(model, config, adapter_name, weights=_read_safetensors(path / WEIGHTS_NAME))
