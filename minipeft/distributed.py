@@ -93,10 +93,10 @@ def make_4bit_shardable(model: nn.Module) -> nn.Module:
 
 def shard_model(model: nn.Module, mesh=None) -> nn.Module:
     """FSDP2 over `model`: each transformer block its own unit (gathered for its forward and
-    backward, then dropped), then the rest as the root unit. Blocks are the modules whose class
-    transformers names in `model._no_split_modules`, as Accelerate's FSDP auto-wrap chooses them.
-    Linear4bit layers are made shardable first (`make_4bit_shardable`). In place; returns
-    `model`."""
+    backward, then dropped), then the whole model as the outermost unit (the embeddings, the
+    head). Blocks are the modules whose class transformers names in `model._no_split_modules`, as
+    Accelerate's FSDP auto-wrap chooses them. Linear4bit layers are made shardable first
+    (`make_4bit_shardable`). In place; returns `model`."""
     from torch.distributed.fsdp import fully_shard
 
     block_names = set(getattr(model, "_no_split_modules", None) or ())

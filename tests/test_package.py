@@ -20,7 +20,7 @@ MAX_LINE = 100  # code is shown in notebook panes
 METHODS = ["minipeft.lora", "minipeft.adapters", "minipeft.prompts", "minipeft.inject",
            "minipeft.adapter_io", "minipeft.memory", "minipeft.quant", "minipeft.quant_cpu",
            "minipeft.quant_c", "minipeft.quant_triton", "minipeft.qlora", "minipeft.planner",
-           "minipeft.loading", "minipeft.offload"]
+           "minipeft.loading", "minipeft.offload", "minipeft.distributed"]
 
 
 def package_files() -> list[Path]:

@@ -1,11 +1,12 @@
 """Draw the course's method diagrams: LoRA, adapters, prompt/prefix tuning, NF4, LoRA in a layer,
-QLoRA.
+QLoRA, DDP and FSDP.
 
 Run it from the repository root:
 
     python lessons/figures/make_figures.py
 
-It writes lora.png, adapters.png, prompts.png, nf4.png, lora_in_block.png and qlora.png next to it
+It writes lora.png, adapters.png, prompts.png, nf4.png, lora_in_block.png, qlora.png and
+distributed.png next to it
 (lessons/figures/), then embeds each into the lessons whose markdown shows it
 (`![...](attachment:lora.png)`), so that the figures show offline, on GitHub and on Colab, where a
 notebook opens without the files beside it (tests/test_notebooks.py checks the copies are
@@ -630,6 +631,54 @@ def draw_qlora() -> None:
     _save(fig, "qlora.png")
 
 
+def _gpu_column(ax: Axes, x: float, name: str, shard: bool, mirror: bool = False) -> float:
+    """One GPU: three transformer blocks (frozen, with a LoRA adapter beside each, on the left
+    when `mirror`), whole or as its half. Returns the column's width."""
+    width, block = (1.45, 0.75) if shard else (1.9, 1.2)
+    ax.add_patch(Rectangle((x, 0.95), width, 3.55, facecolor=PANEL, edgecolor=MUTED,
+                           linewidth=1.0))
+    ax.text(x + width / 2, 4.3, name, ha="center", va="center", fontsize=10, weight="bold")
+    for i, y in enumerate((3.35, 2.45, 1.55)):
+        label = f"block {3 - i}" + ("\n(half)" if shard else "")
+        block_x, adapter_x = (x + 0.52, x + 0.12) if mirror else (x + 0.12, x + 0.22 + block)
+        _box(ax, block_x, y, block, 0.7, FROZEN, label, fontsize=8)
+        _box(ax, adapter_x, y + 0.15, 0.3, 0.4, TRAINABLE, "½" if shard else "", fontsize=7)
+    ax.text(x + width / 2, 1.15, "its slice of the batch", ha="center", va="center", fontsize=8,
+            color=MUTED)
+    return width
+
+
+def draw_distributed() -> None:
+    """distributed.png: DDP (whole copies, LoRA gradients all-reduced) beside FSDP (halves,
+    one block gathered at a time)."""
+    height = 5.6
+    fig, ax = _canvas(height, "Two GPUs: DDP copies the model, FSDP shards it")
+    _legend(ax, (WIDTH / 2, 0.72), height)
+
+    ax.text(2.45, 4.75, "DDP", ha="center", fontsize=12, weight="bold", color=INK)
+    _gpu_column(ax, 0.3, "GPU 0", shard=False)
+    _gpu_column(ax, 2.6, "GPU 1", shard=False, mirror=True)
+    for y in (3.7, 2.8, 1.9):           # each adapter's gradients, between the two copies
+        ax.annotate("", xy=(2.72, y), xytext=(2.02, y),
+                    arrowprops={"arrowstyle": "<|-|>", "color": INK, "linewidth": 1.1})
+    ax.text(2.45, 0.15, r"all-reduce LoRA's gradients, $g = \frac{1}{N}\sum_k g_k$",
+            ha="center", va="center", fontsize=10)
+
+    ax.plot([5.0, 5.0], [0.9, 5.0], color=MUTED, linewidth=0.8, linestyle=":")
+    ax.text(7.55, 4.75, "FSDP", ha="center", fontsize=12, weight="bold", color=INK)
+    left = _gpu_column(ax, 5.25, "GPU 0", shard=True)
+    _gpu_column(ax, 8.4, "GPU 1", shard=True, mirror=True)
+    ax.add_patch(Rectangle((6.95, 2.3), 1.2, 1.0, facecolor="white", edgecolor=INK,
+                           linewidth=1.2, linestyle="--"))
+    ax.text(7.55, 2.8, "block 2\ngathered whole\n(this step only)", ha="center", va="center",
+            fontsize=8)
+    _arrow(ax, (5.25 + left - 0.12, 2.8), (6.95, 2.8))
+    _arrow(ax, (8.52, 2.8), (8.15, 2.8))           # from GPU 1's adapter shard and block half
+    ax.text(7.55, 0.15, "all-gather a block before it runs; reduce-scatter its gradients",
+            ha="center", va="center", fontsize=9.5)
+    _save(fig, "distributed.png")
+
+
 def embed_in_lessons() -> None:
     """Attach each figure a lesson's markdown refers to (`attachment:NAME.png`) to that cell."""
     for path in sorted(HERE.parent.glob("*.ipynb")):
@@ -643,13 +692,14 @@ def embed_in_lessons() -> None:
 
 
 def main() -> None:
-    """Draw all six figures into this script's folder, and embed them in the lessons."""
+    """Draw all seven figures into this script's folder, and embed them in the lessons."""
     draw_lora()
     draw_adapters()
     draw_prompts()
     draw_nf4()
     draw_lora_in_block()
     draw_qlora()
+    draw_distributed()
     embed_in_lessons()
 
 

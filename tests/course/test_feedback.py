@@ -8,6 +8,7 @@ from __future__ import annotations
 
 
 import functools
+import math
 import re
 
 import pytest
@@ -273,6 +274,22 @@ def lora_trainable_params(layers, num_blocks, r, targets, *, a_only=False, b_onl
     return total * (num_blocks if blocks else 1)
 
 
+def fsdp_shard(param, rank, world_size, *, round_up=True, pad="end", interleave=False):
+    if interleave:
+        return param[rank::world_size]
+    rows_each = -(-param.shape[0] // world_size) if round_up else param.shape[0] // world_size
+    shard = param[rank * rows_each:(rank + 1) * rows_each]
+    zeros = param.new_zeros((rows_each - shard.shape[0], *param.shape[1:]))
+    return {"end": torch.cat([shard, zeros]), "front": torch.cat([zeros, shard]),
+            None: shard}[pad]
+
+
+def ddp_bytes_per_step(parameters, *, frozen_too=False, width=None):
+    sizes = {"float32": 4, "bfloat16": 2, "float16": 2}
+    return sum(math.prod(p["shape"]) * (sizes[p["dtype"]] if width is None else width)
+               for p in parameters if p["trainable"] or frozen_too)
+
+
 def train_lora_without_training(model, tokenizer, data):
     return inject_lora(model, 8, 16)
 
@@ -295,6 +312,8 @@ RIGHT = {
     "prefix_param_count": prefix_param_count,
     "nf4_storage_bytes": nf4_storage_bytes,
     "lora_trainable_params": lora_trainable_params,
+    "fsdp_shard": fsdp_shard,
+    "ddp_bytes_per_step": ddp_bytes_per_step,
     "quantize_nf4_blockwise": quantize,
     "dequantize_nf4_blockwise": dequantize,
 }
@@ -428,6 +447,13 @@ WRONG = [
     ("lora_trainable_params", lambda *a: lora_trainable_params(*a, blocks=False), "multiply by the number of blocks"),
     ("lora_trainable_params", lambda *a: lora_trainable_params(*a, every=True), "Only the targeted layers"),
     ("lora_trainable_params", lambda *a: lora_trainable_params(*a, square=True), "narrower than q"),
+    ("fsdp_shard", lambda *a: fsdp_shard(*a, round_up=False), "rounded up"),
+    ("fsdp_shard", lambda *a: fsdp_shard(*a, pad=None), "pad a short"),
+    ("fsdp_shard", lambda *a: fsdp_shard(*a, pad="front"), "padding goes after the rows"),
+    ("fsdp_shard", lambda *a: fsdp_shard(*a, interleave=True), "not every N-th row"),
+    ("ddp_bytes_per_step", lambda ps: ddp_bytes_per_step(ps, frozen_too=True), "Frozen parameters"),
+    ("ddp_bytes_per_step", lambda ps: ddp_bytes_per_step(ps, width=1), "Count bytes, not numbers"),
+    ("ddp_bytes_per_step", lambda ps: ddp_bytes_per_step(ps, width=4), "parameter's dtype"),
 ]
 
 
