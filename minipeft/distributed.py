@@ -38,11 +38,14 @@ SHARDED_4BIT_TENSORS = ("weight_packed", "absmax")
 
 def init_process_group() -> tuple[int, int, torch.device]:
     """Join the process group `torchrun` describes (RANK, WORLD_SIZE, MASTER_ADDR in the
-    environment): nccl on GPUs, gloo on CPUs. Returns (rank, world size, this rank's device)."""
+    environment): nccl with one GPU per process when the machine has a GPU for each of its
+    processes, else gloo on CPUs (two processes on a one-GPU laptop or Colab still run, on the
+    CPU). Returns (rank, world size, this rank's device)."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise RuntimeError("no process group to join: RANK and WORLD_SIZE are not set. Launch "
                            "with `torchrun --nproc_per_node N ...`, which sets them.")
-    if torch.cuda.is_available():
+    processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if torch.cuda.is_available() and torch.cuda.device_count() >= processes_here:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
         backend = "nccl"

@@ -1,0 +1,113 @@
+"""Training runs kept in the course cache: a lesson that trains exactly what an earlier lesson
+trained reads that run back instead of training it again (lesson 5's LoRA row is lesson 4's run;
+a lesson comparing every method can read them all).
+
+`train` takes what `training.train` takes and returns the same `TrainResult`. Whether two runs
+are the same is read from the objects, never from a name a caller could forget to change; the
+cache key holds everything a run depends on:
+
+- the model: its class, its config, and every parameter and buffer (name, dtype, shape, whether
+  it trains, and its bytes: the pretrained weights and the adapter's starting values), and its
+  tokenizer's class and vocabulary size;
+- the data: the training rows (and the evaluation rows, if any);
+- the recipe: every keyword argument of `training.train` except `desc` and `progress`;
+- the code and the machine: the source of every minipeft module, the versions of torch and
+  transformers, and the device.
+
+A run found in the cache puts its trained parameters into the model, sets torch's random number
+generator to where training left it, and returns the figures that run measured on this machine:
+what follows in a lesson computes the same either way. Clear the cache (`MINIPEFT_CACHE`, or
+~/.cache/minipeft) to measure again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import minipeft
+from minipeft import course
+from minipeft.course import training
+
+UNKEYED = ("desc", "progress")       # how a run is reported, not what it computes
+
+
+def _model_digest(model: nn.Module, digest: hashlib._Hash) -> None:
+    digest.update(type(model).__name__.encode())
+    config = getattr(model, "config", None)
+    if config is not None:
+        digest.update(config.to_json_string(use_diff=False).encode())
+    tensors = [(name, t, t.requires_grad) for name, t in model.named_parameters()]
+    tensors += [(name, t, False) for name, t in model.named_buffers()]
+    for name, tensor, trains in tensors:
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|{trains}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+
+
+def _code_digest(digest: hashlib._Hash) -> None:
+    package = Path(minipeft.__file__).parent
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode())
+        digest.update(path.read_bytes())
+
+
+def run_key(model: nn.Module, tokenizer, train_data, eval_data=None, **recipe) -> str:
+    """The cache key of training `model` on `train_data` with `recipe` (training.train's
+    keywords)."""
+    import transformers
+
+    digest = hashlib.sha256()
+    _model_digest(model, digest)
+    digest.update(f"{type(tokenizer).__name__}|{len(tokenizer)}".encode())
+    for rows in (train_data, eval_data):
+        digest.update(json.dumps(None if rows is None else rows.to_dict(), sort_keys=True,
+                                 default=str).encode())
+    recipe = {k: v for k, v in recipe.items() if k not in UNKEYED}
+    device = next(model.parameters()).device
+    digest.update(json.dumps({"recipe": recipe, "device": device.type, "torch": torch.__version__,
+                              "transformers": transformers.__version__},
+                             sort_keys=True, default=str).encode())
+    _code_digest(digest)
+    return digest.hexdigest()[:20]
+
+
+def _folder(key: str) -> Path:
+    return course.cache_dir() / "runs" / key
+
+
+def train(model: nn.Module, tokenizer, train_data, *, eval_data=None,
+          **recipe) -> training.TrainResult:
+    """`training.train(model, tokenizer, train_data, ...)`, or the identical run read back from the
+    course cache (see the module's docstring). Trains `model` in place either way."""
+    from safetensors.torch import load_file, save_file
+
+    folder = _folder(run_key(model, tokenizer, train_data, eval_data, **recipe))
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if (folder / "result.json").exists():
+        saved = load_file(str(folder / "trained.safetensors"))
+        with torch.no_grad():
+            for name, p in trainable.items():
+                p.copy_(saved[name])
+        torch.set_rng_state(saved["__rng_state__"])
+        if "__cuda_rng_state__" in saved:
+            torch.cuda.set_rng_state(saved["__cuda_rng_state__"])
+        result = training.TrainResult(**json.loads((folder / "result.json").read_text()))
+        result.val_accuracy = [tuple(point) for point in result.val_accuracy]
+        final = f", final loss {result.losses[-1]:.3f}" if result.losses else ""
+        print(f"{recipe.get('desc', 'training')}: {result.steps} steps{final} (measured in "
+              f"{result.seconds:.1f} s by an identical earlier run, read back from the course "
+              "cache)")
+        return result
+    result = training.train(model, tokenizer, train_data, eval_data=eval_data, **recipe)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {name: p.detach().cpu().contiguous() for name, p in trainable.items()}
+    state["__rng_state__"] = torch.get_rng_state()      # dropout drew from it while training
+    if next(model.parameters()).device.type == "cuda":
+        state["__cuda_rng_state__"] = torch.cuda.get_rng_state()
+    save_file(state, str(folder / "trained.safetensors"))
+    (folder / "result.json").write_text(json.dumps(asdict(result)))
+    return result
