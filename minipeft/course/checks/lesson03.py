@@ -308,24 +308,33 @@ class _AccuracyFloor:
     """The reference of the training exercise: stands for the floors to reach."""
 
 
-_trained: dict[str, tuple[Callable, nn.Module]] = {}  # the last function trained, and its model
+# the last function tried, and the model it trained or the error it raised
+_trained: dict[str, tuple[Callable, nn.Module | Exception]] = {}
 
 
 def _model_trained_by(train_lora: Callable) -> nn.Module:
-    """The course bert (seeded) after `train_lora`; trained once per function object, so the
-    cases share one run, and a redefined function trains again."""
+    """The course bert (seeded) after `train_lora`; tried once per function object, so the cases
+    share one run (or one error: nothing is loaded again for each case of an unwritten one),
+    and a redefined function trains again."""
     if _trained.get("last", (None,))[0] is not train_lora:
         from minipeft import course
 
         _trained.clear()
         course.seed_everything(0)
-        model, tokenizer = course.load_model("bert", num_labels=2)
-        returned = train_lora(model, tokenizer, course.load_data("sentiment")["train"])
-        if not isinstance(returned, nn.Module):
-            raise TypeError(f"train_lora returned {type(returned).__name__}, not the trained "
-                            "model")
+        try:
+            model, tokenizer = course.load_model("bert", num_labels=2)
+            returned = train_lora(model, tokenizer, course.load_data("sentiment")["train"])
+            if not isinstance(returned, nn.Module):
+                raise TypeError(f"train_lora returned {type(returned).__name__}, not the trained "
+                                "model")
+        except Exception as error:            # a CaseTimeout (BaseException) is not kept
+            _trained["last"] = (train_lora, error)
+            raise
         _trained["last"] = (train_lora, returned)
-    return _trained["last"][1]
+    outcome = _trained["last"][1]
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
 
 
 @functools.cache
