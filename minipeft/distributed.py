@@ -23,7 +23,9 @@ FSDP-QLoRA, bitsandbytes' `quant_storage`).
 """
 # No `from __future__ import annotations` here: DDP checks a hook's `bucket` annotation against
 # dist.GradBucket itself, not a string.
+import inspect
 import os
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -31,8 +33,11 @@ from torch import nn
 
 from minipeft.quant import Linear4bit
 
-# Linear4bit's tensors that FSDP shards; its two small second-level constants (one float per 256
-# blocks) stay buffers, copied to every rank.
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+# Linear4bit's tensors that FSDP shards; the small second-level constants of double quantisation
+# (one float per 256 blocks, and one offset) stay buffers, copied to every rank.
 SHARDED_4BIT_TENSORS = ("weight_packed", "absmax")
 
 
@@ -58,7 +63,7 @@ def init_process_group() -> tuple[int, int, torch.device]:
 
 class AllReduceCounter:
     """What DDP all-reduced: `bytes` in all, over `steps` backward passes. Register it with its
-    hook: `ddp.register_comm_hook(counter, count_and_allreduce)`."""
+    hook: `ddp.register_comm_hook(counter, count_and_allreduce)` (`data_parallel` does)."""
 
     def __init__(self) -> None:
         self.bytes = 0
@@ -66,12 +71,14 @@ class AllReduceCounter:
 
     @property
     def bytes_per_step(self) -> float:
+        """The average over the steps so far (0 before the first)."""
         return self.bytes / max(self.steps, 1)
 
 
 def count_and_allreduce(counter: AllReduceCounter, bucket: dist.GradBucket
                         ) -> torch.futures.Future[torch.Tensor]:
-    """A DDP communication hook: averages gradients as DDP's default does, and counts the bytes.
+    """A DDP communication hook: averages gradients over the default process group as DDP's
+    default hook does, and counts the bytes.
 
     DDP packs the gradients of trainable parameters into buckets (25 MiB each by default) and
     calls the hook once per bucket in every backward; the last bucket ends a step."""
@@ -83,22 +90,40 @@ def count_and_allreduce(counter: AllReduceCounter, bucket: dist.GradBucket
     return work.get_future().then(lambda future: future.value()[0])
 
 
+def data_parallel(model: nn.Module) -> tuple[nn.Module, AllReduceCounter]:
+    """`model` wrapped in DDP with the counting hook; returns (the DDP model, its counter).
+
+    DDP would otherwise re-send every buffer (a QLoRA model's NF4 codes among them) from rank 0
+    before each forward; a frozen model's buffers never change, so that is turned off (the
+    argument's name changed in torch 2.13)."""
+    ddp_class = nn.parallel.DistributedDataParallel
+    no_resync = ({"forward_sync_buffers": False}
+                 if "forward_sync_buffers" in inspect.signature(ddp_class).parameters
+                 else {"broadcast_buffers": False})
+    ddp, counter = ddp_class(model, **no_resync), AllReduceCounter()
+    ddp.register_comm_hook(counter, count_and_allreduce)
+    return ddp, counter
+
+
 def make_4bit_shardable(model: nn.Module) -> nn.Module:
     """Turn each Linear4bit's NF4 codes and block constants into frozen parameters (in place), so
-    that FSDP shards them; the forward pass reads them by the same names and is unchanged."""
+    that FSDP shards them; the forward pass reads them by the same names and is unchanged. Calling
+    it again changes nothing."""
     for module in model.modules():
         if isinstance(module, Linear4bit):
             for name in SHARDED_4BIT_TENSORS:
-                tensor = module._buffers.pop(name)
-                module.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
+                if name in module._buffers:
+                    tensor = module._buffers.pop(name)
+                    module.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
     return model
 
 
-def shard_model(model: nn.Module, mesh=None) -> nn.Module:
-    """FSDP2 over `model`: each transformer block its own unit (gathered for its forward and
-    backward, then dropped), then the whole model as the outermost unit (the embeddings, the
-    head). Blocks are the modules whose class transformers names in `model._no_split_modules`, as
-    Accelerate's FSDP auto-wrap chooses them. Linear4bit layers are made shardable first
+def shard_model(model: nn.Module, mesh: "DeviceMesh | None" = None) -> nn.Module:
+    """FSDP2 over `model`: each module whose class transformers names in
+    `model._no_split_modules` its own unit (the transformer blocks, and for BERT its embeddings
+    too, as Accelerate's FSDP auto-wrap chooses them), gathered for its forward and backward and
+    dropped after; then the whole model as the outermost unit, for what is left (a Llama's
+    embeddings, norm and head). Linear4bit layers are made shardable first
     (`make_4bit_shardable`). In place; returns `model`."""
     from torch.distributed.fsdp import fully_shard
 
@@ -109,7 +134,7 @@ def shard_model(model: nn.Module, mesh=None) -> nn.Module:
                          "(its _no_split_modules names none of its modules). Pass a transformers "
                          "model, or call torch's fully_shard on its blocks yourself.")
     make_4bit_shardable(model)
-    for block in blocks:
+    for block in reversed(blocks):        # inner units before the units that contain them
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
@@ -132,8 +157,9 @@ def gather_trainable(model: nn.Module) -> nn.Module:
     """Replace every sharded trainable parameter by its whole tensor, on every rank (in place).
 
     For saving an adapter after FSDP training: every rank must call it (each shard is gathered
-    from all ranks), then one rank saves with `save_adapter` or `export_peft` as usual. The frozen
-    base stays sharded; train no further with this model."""
+    from all ranks), then one rank saves with `save_adapter` or `export_peft` right away. The
+    frozen base stays sharded, and a forward pass would put FSDP's own parameters back: train and
+    run no further with this model."""
     from torch.distributed.tensor import DTensor
 
     for module in model.modules():

@@ -22,9 +22,11 @@ per GPU):
     ddp           every item as on one GPU, plus DDP's gradient buckets (a copy of the
                   gradients of what trains, which it all-reduces)
     fsdp          weights and trainable state divided by N; plus two blocks gathered whole (the
-                  one computing and the next, prefetched) and one block's whole gradients before
-                  they are reduce-scattered; with `cpu_offload`, the shards live in host memory
-                  and only the gathered blocks, activations and logits are on the GPU
+                  one computing and the next, prefetched), the outer unit gathered whole from
+                  forward to backward (embeddings, norms and head: FSDP2 does not reshard it
+                  after forward), and one block's whole gradients before they are
+                  reduce-scattered; with `cpu_offload`, the shards live in host memory and only
+                  the gathered weights, activations and logits are on the GPU
 
 Not included: the CUDA context (about 0.3-0.5 GiB), allocator slack and fragmentation, and
 temporary buffers inside kernels. A plan is a lower bound to compare with a measured peak, not a
@@ -35,7 +37,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, Sequence
 
 Method = Literal["full", "lora", "qlora"]
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -137,7 +139,7 @@ class MemoryPlan:
     trainable_state: int          # weights + gradients + AdamW moments of what trains
     activations: int
     logits: int
-    communication: int = 0        # DDP's gradient buckets, or FSDP's gathered blocks
+    communication: int = 0        # DDP's gradient buckets, or FSDP's gathered weights
 
     @property
     def total(self) -> int:
@@ -150,19 +152,20 @@ class MemoryPlan:
                 "other weights (16/32-bit)": self.other_weights,
                 "trainable: weights, gradients, AdamW": self.trainable_state,
                 "activations": self.activations, "logits and their gradient": self.logits,
-                **({"gathered blocks, gradient buckets": self.communication}
+                **({"gathered weights, gradient buckets": self.communication}
                    if self.communication else {}),
                 "total": self.total}
 
 
 def plan(config: Mapping[str, Any] | Any, method: Method = "qlora", *, batch: int = 1,
-         seq_len: int = 512, rank: int = 16, targets: str = "all-linear",
+         seq_len: int = 512, rank: int = 16, targets: str | Sequence[str] = "all-linear",
          weight_dtype: str = "bfloat16", checkpointing: bool = True,
          double_quant: bool = True, gpus: int = 1, strategy: Strategy = "fsdp",
          cpu_offload: bool = False) -> MemoryPlan:
     """Predict the training memory of `config` (a transformers config or its dict) under `method`,
-    per GPU. `targets`: "all-linear" (QLoRA's choice) or "attention" (q and v, the LoRA paper's).
-    `gpus`, `strategy` ("ddp" or "fsdp"), `cpu_offload` (FSDP's): see the module's docstring."""
+    per GPU. `targets`: "all-linear" (QLoRA's choice), "attention" (q and v, the LoRA paper's), or
+    a list of a block's linear layers by name (`Shape.linear_layers`). `gpus`, `strategy` ("ddp"
+    or "fsdp"), `cpu_offload` (FSDP's): see the module's docstring."""
     if method not in ("full", "lora", "qlora"):
         raise ValueError(f"plan: method must be 'full', 'lora' or 'qlora', got {method!r}.")
     if strategy not in ("ddp", "fsdp") or not isinstance(gpus, int) or gpus < 1:
@@ -177,8 +180,15 @@ def plan(config: Mapping[str, Any] | Any, method: Method = "qlora", *, batch: in
     width = DTYPE_BYTES[weight_dtype]
     linear, other = shape.linear_params(), shape.other_params()
     layers = shape.linear_layers()
-    adapted = (layers if targets == "all-linear" else
-               {k: v for k, v in layers.items() if k in ("q_proj", "v_proj", "query", "value")})
+    if targets == "all-linear":
+        adapted = layers
+    elif targets == "attention":
+        adapted = {k: v for k, v in layers.items() if k in ("q_proj", "v_proj", "query", "value")}
+    elif isinstance(targets, str) or any(name not in layers for name in targets):
+        raise ValueError(f"plan: targets must be 'all-linear', 'attention' or names of "
+                         f"{shape.model_type}'s linear layers {list(layers)}; got {targets!r}.")
+    else:
+        adapted = {k: v for k, v in layers.items() if k in targets}
     lora_params = shape.layers * sum(rank * (i + o) for i, o in adapted.values())
 
     if method == "qlora":
@@ -197,9 +207,9 @@ def plan(config: Mapping[str, Any] | Any, method: Method = "qlora", *, batch: in
         state = trainable * (4 + 4 + ADAMW_STATE_BYTES)             # fp32 A, B, grads, moments
 
     tokens = batch * seq_len
-    block = tokens * shape.activations_per_token() * width
-    activations = (shape.layers * tokens * shape.hidden * width + block if checkpointing
-                   else shape.layers * block)
+    block_activations = tokens * shape.activations_per_token() * width
+    activations = (shape.layers * tokens * shape.hidden * width + block_activations
+                   if checkpointing else shape.layers * block_activations)
     # a language model's logits over its vocabulary (a BERT classifier's few logits are nothing)
     vocab = 0 if shape.model_type == "bert" else shape.vocab
     logits = tokens * vocab * (width + (4 if width != 4 else 0) + 4 + 4)
@@ -210,12 +220,14 @@ def plan(config: Mapping[str, Any] | Any, method: Method = "qlora", *, batch: in
     if strategy == "ddp":
         return replace(one_gpu, communication=trainable * gradient_width)
     share = 0 if cpu_offload else gpus       # 0: the shards live in host memory
-    block = _block_bytes(shape, method, width, double_quant)
-    block_trainable = trainable // shape.layers if method == "full" else lora_params // shape.layers
+    block_weights = _block_bytes(shape, method, width, double_quant)
+    outer_unit = other * width                 # embeddings, norms, head: gathered whole
+    block_trainable = (linear if method == "full" else lora_params) // shape.layers
     return replace(one_gpu, quantized_weights=_shard(codes, share),
                    quantization_constants=_shard(constants, share),
                    other_weights=_shard(weights, share), trainable_state=_shard(state, share),
-                   communication=2 * block + block_trainable * gradient_width)
+                   communication=(2 * block_weights + outer_unit
+                                  + block_trainable * gradient_width))
 
 
 def _shard(nbytes: int, gpus: int) -> int:

@@ -11,9 +11,8 @@ import torch.distributed as dist
 from torch import nn
 
 from minipeft.adapter_io import load_adapter, save_adapter
-from minipeft.distributed import (AllReduceCounter, count_and_allreduce, gather_trainable,
-                                  init_process_group, local_model_bytes, make_4bit_shardable,
-                                  shard_model)
+from minipeft.distributed import (data_parallel, gather_trainable, init_process_group,
+                                  local_model_bytes, make_4bit_shardable, shard_model)
 from minipeft.lora import LoraConfig, add_lora
 from minipeft.qlora import quantize_model
 from minipeft.quant import Linear4bit
@@ -41,9 +40,7 @@ def trainable_grads(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def test_the_hook_averages_as_ddp_does_and_counts_each_steps_bytes(group_of_one):
     plain, wrapped = qlora_model(), qlora_model()
-    ddp = nn.parallel.DistributedDataParallel(wrapped, forward_sync_buffers=False)
-    counter = AllReduceCounter()
-    ddp.register_comm_hook(counter, count_and_allreduce)
+    ddp, counter = data_parallel(wrapped)
     for _ in range(3):
         for model in (plain, ddp):
             model.zero_grad(set_to_none=True)
@@ -58,7 +55,7 @@ def test_nf4_codes_become_frozen_parameters_and_the_output_stays(group_of_one):
     model = qlora_model()
     before, keys = model(input_ids=IDS).logits, set(model.state_dict())
     bytes_before = local_model_bytes(model)
-    make_4bit_shardable(model)
+    make_4bit_shardable(make_4bit_shardable(model))                 # a second call changes nothing
     layer = next(m for m in model.modules() if isinstance(m, Linear4bit))
     assert {n for n, _ in layer.named_parameters()} == {"weight_packed", "absmax"}
     assert not any(p.requires_grad for p in layer.parameters())

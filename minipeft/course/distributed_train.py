@@ -31,8 +31,8 @@ from torch import nn
 
 from minipeft import course
 from minipeft.adapter_io import save_adapter
-from minipeft.distributed import (AllReduceCounter, count_and_allreduce, gather_trainable,
-                                  init_process_group, local_model_bytes, shard_model)
+from minipeft.distributed import (data_parallel, gather_trainable, init_process_group,
+                                  local_model_bytes, shard_model)
 from minipeft.lora import LoraConfig, add_lora
 from minipeft.qlora import quantize_model
 
@@ -75,7 +75,12 @@ def build_model(method: str, seed: int = 0) -> tuple[nn.Module, object]:
 
 def global_batches(tokenizer, steps: int, global_batch: int) -> list[dict[str, torch.Tensor]]:
     """The first steps x global_batch training sentences, in order, as tokenized global batches."""
-    data = course.load_data("sentiment")["train"].select(range(steps * global_batch))
+    train = course.load_data("sentiment")["train"]
+    if steps * global_batch > len(train):
+        raise ValueError(f"{steps} steps of {global_batch} need {steps * global_batch} sentences; "
+                         f"the training set has {len(train)}: ask for at most "
+                         f"{len(train) // global_batch} steps of {global_batch}")
+    data = train.select(range(steps * global_batch))
     batches = []
     for start in range(0, len(data), global_batch):
         rows = data[start:start + global_batch]
@@ -114,11 +119,7 @@ def train(strategy: str, method: str, *, steps: int = 6, global_batch: int = 16,
                        model_bytes=local_model_bytes(model))
     counter, trained = None, model
     if strategy == "ddp":
-        # DDP would otherwise re-send every buffer (a QLoRA model's NF4 codes among them) from
-        # rank 0 before each forward; ours never change.
-        trained = nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False)
-        counter = AllReduceCounter()
-        trained.register_comm_hook(counter, count_and_allreduce)
+        trained, counter = data_parallel(model)
     elif strategy == "fsdp":
         shard_model(model)
     result.model_bytes_per_rank = local_model_bytes(model)
@@ -158,6 +159,7 @@ def save_run(model: nn.Module, result: RunResult, out: Path) -> Path:
 
 
 def read_run(folder: Path) -> RunResult:
+    """The RunResult a run wrote to `folder` (metrics.json)."""
     return RunResult(**json.loads((Path(folder) / "metrics.json").read_text()))
 
 
@@ -172,20 +174,39 @@ def launch(runs: list[str], out: str | Path, nproc: int = 2, steps: int = 6,
                "--runs", *runs]
     # one thread per process (torchrun's own default, set here so it does not warn about it)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    try:
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as e:
-        raise RuntimeError(f"torchrun did not finish within {timeout:g} s") from e
-    if done.returncode != 0:
-        lines = (done.stdout + done.stderr).strip().splitlines()
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True) as process:
+        try:
+            output, _ = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _stop(process)
+            raise RuntimeError(f"torchrun did not finish within {timeout:g} s; it and its "
+                               "processes were stopped") from None
+        except KeyboardInterrupt:                     # a notebook's interrupt: stop them too
+            _stop(process)
+            raise
+    if process.returncode != 0:
+        lines = output.strip().splitlines()
         # a rank's own error, rather than torchrun's summary of which rank failed
         errors = [line for line in lines if re.match(r"\[rank\d+\]: \w+(Error|Exception)", line)]
-        raise RuntimeError(f"torchrun failed (exit code {done.returncode}):\n"
+        raise RuntimeError(f"torchrun failed (exit code {process.returncode}):\n"
                            + "\n".join(errors[:1] or lines[-15:]))
     return {run: read_run(Path(out) / run.replace(":", "-")) for run in runs}
 
 
+def _stop(process: subprocess.Popen) -> None:
+    """Stop torchrun and its workers. Each worker runs in a session of its own, so only torchrun
+    can reach them: terminated, it stops them before it exits; killed if it does not within 30 s."""
+    process.terminate()
+    try:
+        process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+
+
 def parse_run(text: str) -> tuple[str, str]:
+    """"ddp:lora" -> ("ddp", "lora"); an argparse error naming the choices otherwise."""
     strategy, _, method = text.partition(":")
     if strategy not in STRATEGIES or method not in METHODS:
         raise argparse.ArgumentTypeError(f"{text!r}: write strategy:method, strategy one of "
@@ -194,6 +215,7 @@ def parse_run(text: str) -> tuple[str, str]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The command line: join the process group (under torchrun), then train and save each run."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for the runs' results")
     parser.add_argument("--runs", type=parse_run, nargs="+", required=True,

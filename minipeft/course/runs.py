@@ -6,18 +6,20 @@ a lesson comparing every method can read them all).
 are the same is read from the objects, never from a name a caller could forget to change; the
 cache key holds everything a run depends on:
 
-- the model: its class, its config, and every parameter and buffer (name, dtype, shape, whether
-  it trains, and its bytes: the pretrained weights and the adapter's starting values), and its
-  tokenizer's class and vocabulary size;
+- the model: its class, its config, every parameter and buffer (name, dtype, shape, whether it
+  trains, and its bytes: the pretrained weights and the adapter's starting values), every
+  module's plain settings (LoRA's scaling, dropout's p, a 4-bit layer's compute dtype, train or
+  eval mode), and its tokenizer's class and vocabulary size;
+- torch's random number generator as training starts (dropout draws from it);
 - the data: the training rows (and the evaluation rows, if any);
 - the recipe: every keyword argument of `training.train` except `desc` and `progress`;
 - the code and the machine: the source of every minipeft module, the versions of torch and
   transformers, and the device.
 
-A run found in the cache puts its trained parameters into the model, sets torch's random number
-generator to where training left it, and returns the figures that run measured on this machine:
-what follows in a lesson computes the same either way. Clear the cache (`MINIPEFT_CACHE`, or
-~/.cache/minipeft) to measure again.
+A run found in the cache puts its trained parameters into the model, leaves the model in
+training mode and torch's random number generator where training left them, and returns the
+figures that run measured on this machine: what follows in a lesson computes the same either
+way. Clear the cache (`MINIPEFT_CACHE`, or ~/.cache/minipeft) to measure again.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import hashlib
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,19 +39,36 @@ from minipeft.course import training
 UNKEYED = ("desc", "progress")       # how a run is reported, not what it computes
 
 
-def _model_digest(model: nn.Module, digest: hashlib._Hash) -> None:
+def _is_plain(value: Any) -> bool:
+    """A setting that prints the same in every process: numbers, strings, dtypes, and lists or
+    dicts of them (not objects, whose default repr holds a memory address)."""
+    if isinstance(value, (bool, int, float, str, torch.dtype, type(None))):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+    return False
+
+
+def _model_digest(model: nn.Module, digest: Any) -> None:
     digest.update(type(model).__name__.encode())
     config = getattr(model, "config", None)
     if config is not None:
         digest.update(config.to_json_string(use_diff=False).encode())
+    for name, module in model.named_modules():
+        settings = {k: v for k, v in vars(module).items()
+                    if not k.startswith("_") and _is_plain(v)}
+        digest.update(f"{name}|{type(module).__name__}|{sorted(settings.items())}".encode())
     tensors = [(name, t, t.requires_grad) for name, t in model.named_parameters()]
     tensors += [(name, t, False) for name, t in model.named_buffers()]
     for name, tensor, trains in tensors:
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|{trains}".encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        raw = tensor.detach().cpu().contiguous().reshape(-1)      # 0-d tensors too
+        digest.update(raw.view(torch.uint8).numpy().tobytes())
 
 
-def _code_digest(digest: hashlib._Hash) -> None:
+def _code_digest(digest: Any) -> None:
     package = Path(minipeft.__file__).parent
     for path in sorted(package.rglob("*.py")):
         digest.update(str(path.relative_to(package)).encode())
@@ -63,6 +83,7 @@ def run_key(model: nn.Module, tokenizer, train_data, eval_data=None, **recipe) -
     digest = hashlib.sha256()
     _model_digest(model, digest)
     digest.update(f"{type(tokenizer).__name__}|{len(tokenizer)}".encode())
+    digest.update(torch.get_rng_state().numpy().tobytes())
     for rows in (train_data, eval_data):
         digest.update(json.dumps(None if rows is None else rows.to_dict(), sort_keys=True,
                                  default=str).encode())
@@ -95,6 +116,7 @@ def train(model: nn.Module, tokenizer, train_data, *, eval_data=None,
         torch.set_rng_state(saved["__rng_state__"])
         if "__cuda_rng_state__" in saved:
             torch.cuda.set_rng_state(saved["__cuda_rng_state__"])
+        model.train()                                   # where training.train leaves it
         result = training.TrainResult(**json.loads((folder / "result.json").read_text()))
         result.val_accuracy = [tuple(point) for point in result.val_accuracy]
         final = f", final loss {result.losses[-1]:.3f}" if result.losses else ""

@@ -5,6 +5,7 @@ rank holds; rank 0 saves ordinary adapter files."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,3 +70,26 @@ def test_bad_runs_are_refused_before_anything_starts():
         dt.train("ddp", "lora")
     with pytest.raises(ValueError, match="method 'dora'"):
         dt.build_model("dora")
+    with pytest.raises(ValueError, match="ask for at most 125 steps of 16"):
+        dt.global_batches(None, steps=1000, global_batch=16)
+
+
+def command_lines_naming(text: str) -> list[str]:
+    """The command lines of this machine's processes that contain `text` (Linux's /proc)."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            line = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:                                   # gone while we looked
+            continue
+        if text in line:
+            found.append(line)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs Linux's /proc")
+def test_a_launch_past_its_time_is_stopped_with_all_its_processes(tmp_path):
+    out = tmp_path / "too-slow"
+    with pytest.raises(RuntimeError, match="did not finish within 4 s"):
+        dt.launch(["ddp:lora"], out, steps=100, timeout=4)          # about a minute of work
+    assert command_lines_naming(str(out)) == []

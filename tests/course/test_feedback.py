@@ -285,7 +285,7 @@ def fsdp_shard(param, rank, world_size, *, round_up=True, pad="end", interleave=
 
 
 def ddp_bytes_per_step(parameters, *, frozen_too=False, width=None):
-    sizes = {"float32": 4, "bfloat16": 2, "float16": 2}
+    sizes = {"float32": 4, "bfloat16": 2, "float16": 2, "uint8": 1}
     return sum(math.prod(p["shape"]) * (sizes[p["dtype"]] if width is None else width)
                for p in parameters if p["trainable"] or frozen_too)
 

@@ -42,4 +42,14 @@ def test_an_identical_run_is_read_back_and_any_difference_trains_again(monkeypat
     assert runs.run_key(fresh, tokenizer, data, **{**RECIPE, "lr": 1e-3}) != key
     assert runs.run_key(fresh, tokenizer, data.select(range(8)), **RECIPE) != key
     assert runs.run_key(lora_bert(seed=1)[0], tokenizer, data, **RECIPE) != key   # other init
-    assert len(list((tmp_path / "runs").iterdir())) == 1
+    torch.manual_seed(5)                          # dropout would draw other masks
+    assert runs.run_key(fresh, tokenizer, data, **RECIPE) != key
+    same, doubled = lora_bert()[0], lora_bert()[0]
+    for module in doubled.modules():              # B = 0: the same tensors, another scaling
+        if isinstance(getattr(module, "scaling", None), dict):      # LoRA layers
+            module.scaling = {name: 2 * s for name, s in module.scaling.items()}
+    keys = []
+    for model in (fresh, same, doubled):
+        torch.manual_seed(0)                      # the same generator state for all three
+        keys.append(runs.run_key(model, tokenizer, data, **RECIPE))
+    assert keys[0] == keys[1] != keys[2]

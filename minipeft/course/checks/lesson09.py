@@ -83,7 +83,8 @@ register(Exercise(
 # 2. What DDP all-reduces
 # --------------------------------------------------------------------------------------------------
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "uint8": torch.uint8}       # uint8: NF4 codes, two per byte
 
 
 def _ddp_cases(draw: Draw) -> list[Case]:
@@ -94,7 +95,7 @@ def _ddp_cases(draw: Draw) -> list[Case]:
     minilm_lora = [p([30522, h], "float32", False), p([h, h], "float32", False),
                    p([r, h], "float32", True), p([h, r], "float32", True),
                    p([2, h], "float32", True), p([2], "float32", True)]
-    qlora = [p([1536 * 576 // 2], "float32", False), p([49152, 576], "bfloat16", False),
+    qlora = [p([1536 * 576 // 2], "uint8", False), p([49152, 576], "bfloat16", False),
              p([16, 576], "float32", True), p([576, 16], "float32", True)]
     full_bf16 = [p([4096, 4096], "bfloat16", True), p([4096], "bfloat16", True),
                  p([32000, 4096], "bfloat16", True)]
