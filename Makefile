@@ -44,13 +44,22 @@ lab: setup
 	$(VENV)/bin/jupyter lab --ServerApp.root_dir="$(CURDIR)" --ContentsManager.preferred_dir=lessons \
 	    $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
-# pytest exits 5 when it collects nothing: that is reported, not hidden, and not a failure.
+# The unit tests run on TEST_WORKERS processes (pytest-xdist): they time nothing. Then the lesson
+# and solution notebooks (nbval), one at a time: lessons compare timings, which a second process
+# beside them would skew. pytest exits 5 when it collects nothing: reported, and not a failure.
+TEST_WORKERS ?= 2
 test: setup
 	@start=$$(date +%s); \
-	$(OFFLINE) $(PY) -m pytest $(wildcard tests lessons solutions) --nbval-lax --nbval-current-env \
-	    --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=300 -p no:cacheprovider; rc=$$?; \
-	echo "make test: finished in $$(( $$(date +%s) - start )) s (pytest exit code $$rc)"; \
-	if [ $$rc -eq 5 ]; then echo "make test: no tests collected"; exit 0; fi; exit $$rc
+	$(OFFLINE) $(PY) -m pytest tests -n $(TEST_WORKERS) -p no:cacheprovider; units=$$?; \
+	$(OFFLINE) $(PY) -m pytest $(wildcard lessons solutions) --nbval-lax --nbval-current-env \
+	    --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=300 -p no:cacheprovider; \
+	notebooks=$$?; \
+	echo "make test: finished in $$(( $$(date +%s) - start )) s (pytest exit codes: unit tests" \
+	     "$$units, notebooks $$notebooks)"; \
+	for rc in $$units $$notebooks; do \
+	    if [ $$rc -eq 5 ]; then echo "make test: a pytest run collected no tests"; \
+	    elif [ $$rc -ne 0 ]; then exit $$rc; fi; \
+	done
 
 # Re-execute the lessons and solutions in place (offline profile), as they are committed.
 # One at a time: lessons time things, and a second notebook running beside them would skew it.
