@@ -44,13 +44,16 @@ lab: setup
 	$(VENV)/bin/jupyter lab --ServerApp.root_dir="$(CURDIR)" --ContentsManager.preferred_dir=lessons \
 	    $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
-# The unit tests run on TEST_WORKERS processes (pytest-xdist): they time nothing. Then the lesson
-# and solution notebooks (nbval), one at a time: lessons compare timings, which a second process
-# beside them would skew. pytest exits 5 when it collects nothing: reported, and not a failure.
+# The unit tests run on TEST_WORKERS processes (pytest-xdist) of one thread each: they time
+# nothing, and two processes of two threads each on two cores ran 10 % slower than of one. Then
+# the lesson and solution notebooks (nbval), one at a time, with every thread: lessons compare
+# timings, which a second process beside them would skew. pytest exits 5 when it collects
+# nothing: reported, and not a failure.
 TEST_WORKERS ?= 2
 test: setup
 	@start=$$(date +%s); \
-	$(OFFLINE) $(PY) -m pytest tests -n $(TEST_WORKERS) -p no:cacheprovider; units=$$?; \
+	$(OFFLINE) OMP_NUM_THREADS=1 $(PY) -m pytest tests -n $(TEST_WORKERS) -p no:cacheprovider; \
+	units=$$?; \
 	$(OFFLINE) $(PY) -m pytest $(wildcard lessons solutions) --nbval-lax --nbval-current-env \
 	    --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=300 -p no:cacheprovider; \
 	notebooks=$$?; \
