@@ -192,10 +192,7 @@ def plan(config: Mapping[str, Any] | Any, method: Method = "qlora", *, batch: in
     lora_params = shape.layers * sum(rank * (i + o) for i, o in adapted.values())
 
     if method == "qlora":
-        codes = linear // 2                                         # two 4-bit codes per byte
-        blocks = linear // BLOCKSIZE
-        constants = (blocks + 4 * (blocks // DOUBLE_QUANT_BLOCK) if double_quant
-                     else 4 * blocks)                               # 8-bit + fp32, or fp32
+        codes, constants = _nf4_bytes(linear, double_quant)
         weights = other * width
     else:
         codes, constants, weights = 0, 0, (linear + other) * width
@@ -235,12 +232,17 @@ def _shard(nbytes: int, gpus: int) -> int:
     return -(-nbytes // gpus) if gpus else 0
 
 
+def _nf4_bytes(weights: int, double_quant: bool) -> tuple[int, int]:
+    """(codes, constants) in bytes for `weights` NF4 weights: two 4-bit codes per byte; one absmax
+    per block of 64, an 8-bit code plus one fp32 per 256 blocks with double quantisation, or an
+    fp32 without."""
+    blocks = weights // BLOCKSIZE
+    constants = blocks + 4 * (blocks // DOUBLE_QUANT_BLOCK) if double_quant else 4 * blocks
+    return weights // 2, constants
+
+
 def _block_bytes(shape: Shape, method: Method, width: int, double_quant: bool) -> int:
     """One transformer block's weights as FSDP gathers them: NF4 codes and constants for QLoRA's
     linear layers, the weight dtype otherwise (its norms are a rounding error here)."""
     linear = shape.linear_params() // shape.layers
-    if method != "qlora":
-        return linear * width
-    blocks = linear // BLOCKSIZE
-    return linear // 2 + (blocks + 4 * (blocks // DOUBLE_QUANT_BLOCK) if double_quant
-                          else 4 * blocks)
+    return sum(_nf4_bytes(linear, double_quant)) if method == "qlora" else linear * width

@@ -26,14 +26,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from minipeft import course
+from minipeft.course import training
 from minipeft.adapter_io import save_adapter
 from minipeft.distributed import (data_parallel, gather_trainable, init_process_group,
                                   local_model_bytes, shard_model)
 from minipeft.lora import LoraConfig, add_lora
+from minipeft.memory import count_parameters
 from minipeft.qlora import quantize_model
 
 STRATEGIES = ("single", "ddp", "fsdp")
@@ -80,14 +81,9 @@ def global_batches(tokenizer, steps: int, global_batch: int) -> list[dict[str, t
         raise ValueError(f"{steps} steps of {global_batch} need {steps * global_batch} sentences; "
                          f"the training set has {len(train)}: ask for at most "
                          f"{len(train) // global_batch} steps of {global_batch}")
-    data = train.select(range(steps * global_batch))
-    batches = []
-    for start in range(0, len(data), global_batch):
-        rows = data[start:start + global_batch]
-        batch = tokenizer(rows["text"], padding=True, truncation=True, max_length=128,
-                          return_tensors="pt")
-        batches.append(dict(batch, labels=torch.tensor(rows["label"])))
-    return batches
+    # lesson 1's loader, in order: each batch padded to its longest sentence
+    return list(training.make_loader(train.select(range(steps * global_batch)), tokenizer,
+                                     batch_size=global_batch))
 
 
 def rank_slice(batch: dict[str, torch.Tensor], rank: int, world_size: int
@@ -114,8 +110,7 @@ def train(strategy: str, method: str, *, steps: int = 6, global_batch: int = 16,
     model, tokenizer = build_model(method, seed)
     model.to(device)
     result = RunResult(strategy, method, world,
-                       trainable_params=sum(p.numel() for p in model.parameters()
-                                            if p.requires_grad),
+                       trainable_params=count_parameters(model).trainable,
                        model_bytes=local_model_bytes(model))
     counter, trained = None, model
     if strategy == "ddp":
@@ -125,16 +120,10 @@ def train(strategy: str, method: str, *, steps: int = 6, global_batch: int = 16,
     result.model_bytes_per_rank = local_model_bytes(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=LEARNING_RATES[method], weight_decay=0.0)
-    trained.train()
     start = time.perf_counter()
     for batch in global_batches(tokenizer, steps, global_batch):
         local = {k: v.to(device) for k, v in rank_slice(batch, rank, world).items()}
-        labels = local.pop("labels")
-        loss = F.cross_entropy(trained(**local).logits.float(), labels)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        mean_loss = loss.detach()
+        mean_loss = torch.tensor(training.train_step(trained, local, optimizer), device=device)
         if world > 1:                                  # for the log only: the global batch's loss
             dist.all_reduce(mean_loss)
             mean_loss /= world

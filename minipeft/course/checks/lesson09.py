@@ -1,6 +1,7 @@
 """Lesson 9's exercises: a parameter's shard as FSDP2 cuts it, and the bytes DDP all-reduces."""
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -123,14 +124,8 @@ def _reference_ddp(parameters: list[dict]) -> int:
 
 
 def _ddp_with(parameters: list[dict], *, frozen_too=False, width=None) -> int:
-    total = 0
-    for p in parameters:
-        if p["trainable"] or frozen_too:
-            numel = 1
-            for size in p["shape"]:
-                numel *= size
-            total += numel * (width if width is not None else DTYPES[p["dtype"]].itemsize)
-    return total
+    return sum(math.prod(p["shape"]) * (width or DTYPES[p["dtype"]].itemsize)
+               for p in parameters if p["trainable"] or frozen_too)
 
 
 register(Exercise(
