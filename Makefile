@@ -13,9 +13,10 @@ TORCH_INDEX ?=
 LAB_ARGS ?=
 
 # Tests and CI always run the offline profile, with no hub access at all.
-# Training prints one summary line instead of a live bar: outputs that are kept stay readable.
+# Training prints one summary line instead of a live bar, and the interactive tools draw one
+# static figure instead of a widget: outputs that are kept stay readable (GitHub shows them).
 OFFLINE := MINIPEFT_PROFILE=offline HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
-           TOKENIZERS_PARALLELISM=false MINIPEFT_PROGRESS=summary
+           TOKENIZERS_PARALLELISM=false MINIPEFT_PROGRESS=summary MINIPEFT_WIDGETS=static
 # JupyterLab's own settings for this environment: no "get notified about Jupyter news?" pop-up.
 LAB_SETTINGS := $(VENV)/share/jupyter/lab/settings/overrides.json
 

@@ -46,6 +46,9 @@ SEVEN_B = ("llama-2-7b", "mistral-7b", "qwen2.5-7b", "olmo-2-7b")
 SHIPPED = (*SEVEN_B, "llama-2-13b", "llama-2-70b")
 Strategy = Literal["ddp", "fsdp"]
 ADAMW_STATE_BYTES = 8          # fp32 first and second moments
+# GiB that PyTorch reports as each card's total memory (a T4's 16 GB is 14.75 GiB on Colab; the
+# others as CUDA out-of-memory messages give their "total capacity")
+GPUS = {"T4 (16 GB)": 14.75, "L4 (24 GB)": 22.0, "A100 40 GB": 39.4, "A100/H100 80 GB": 79.2}
 BLOCKSIZE, DOUBLE_QUANT_BLOCK = 64, 256
 
 

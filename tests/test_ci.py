@@ -18,3 +18,9 @@ def test_github_workflow_runs_make_test_on_the_cpu_and_gpu_tests_only_when_asked
     assert any("whl/cpu" in c for c in commands), "CI must not download a CUDA build of torch"
     assert gpu["if"] == "vars.MINIPEFT_GPU_RUNNER != ''"
     assert any("pytest -m gpu" in step.get("run", "") for step in gpu["steps"])
+
+
+def test_ci_installs_chromium_for_the_browser_test():
+    run = (ROOT / ".ci" / "run").read_text()
+    assert "apt-get install -y -q chromium" in run
+    assert run.index("chromium") < run.index("make test")

@@ -1,12 +1,12 @@
 """Draw the course's method diagrams: LoRA, adapters, prompt/prefix tuning, NF4, LoRA in a layer,
-QLoRA, DDP and FSDP.
+QLoRA, DDP and FSDP, and lesson 8's guide to choosing a method.
 
 Run it from the repository root:
 
     python lessons/figures/make_figures.py
 
-It writes lora.png, adapters.png, prompts.png, nf4.png, lora_in_block.png, qlora.png and
-distributed.png next to it
+It writes lora.png, adapters.png, prompts.png, nf4.png, lora_in_block.png, qlora.png,
+distributed.png and choosing.png next to it
 (lessons/figures/), then embeds each into the lessons whose markdown shows it
 (`![...](attachment:lora.png)`), so that the figures show offline, on GitHub and on Colab, where a
 notebook opens without the files beside it (tests/test_notebooks.py checks the copies are
@@ -679,6 +679,49 @@ def draw_distributed() -> None:
     _save(fig, "distributed.png")
 
 
+# ------------------------------------------------------------------------------------- choosing
+
+def _question(ax: Axes, center: Point, text: str) -> None:
+    """A decision: a white diamond-ended box with the question in it."""
+    x, y = center
+    ax.add_patch(Polygon([(x - 1.45, y), (x - 1.2, y + 0.38), (x + 1.2, y + 0.38),
+                          (x + 1.45, y), (x + 1.2, y - 0.38), (x - 1.2, y - 0.38)],
+                         closed=True, facecolor="white", edgecolor=INK, linewidth=1.2))
+    ax.text(x, y, text, ha="center", va="center", fontsize=9.5, color=INK)
+
+
+def draw_choosing() -> None:
+    """choosing.png: memory decides first (the planner), then the task picks among what fits."""
+    height = 5.4
+    fig, ax = _canvas(height, "Choosing a method: what fits first, then what the task needs")
+    x = 2.0
+    steps = [(4.3, "full fine-tuning fits?\n(planner: weights, grads, AdamW)",
+              "full fine-tuning\n(or LoRA: same accuracy, §1)"),
+             (3.1, "16-bit LoRA fits?", "LoRA"),
+             (1.9, "QLoRA fits?\n(base in NF4)", "QLoRA")]
+    for y, question, answer in steps:
+        _question(ax, (x, y), question)
+        _arrow(ax, (x + 1.45, y), (4.3, y))
+        ax.text(3.85, y + 0.08, "yes", ha="center", va="bottom", fontsize=8.5, color=MUTED)
+        _box(ax, 4.3, y - 0.32, 1.9, 0.64, TRAINABLE, answer, fontsize=9)
+        _arrow(ax, (x, y - 0.38), (x, y - 0.82))
+        ax.text(x + 0.1, y - 0.6, "no", ha="left", va="center", fontsize=8.5, color=MUTED)
+    _box(ax, x - 1.3, 0.45, 2.6, 0.62, FROZEN, "several GPUs: FSDP shards it\n(lesson 9)",
+         fontsize=9)
+    ax.add_patch(Rectangle((6.55, 0.45), 3.2, 4.3, facecolor=PANEL, edgecolor=MUTED,
+                           linewidth=1.0))
+    ax.text(8.15, 4.5, "then, among what fits", ha="center", va="center", fontsize=10,
+            weight="bold", color=INK)
+    needs = ["many tasks, one base:\nLoRA or adapter files (KiB-MiB)",
+             "lowest latency:\nmerge LoRA into W (adapters cannot)",
+             "huge model, little data:\nprompt tuning catches up at scale",
+             "then diagnose (§3) and evaluate\nbeyond accuracy (§4)"]
+    for i, text in enumerate(needs):
+        ax.text(6.75, 3.85 - 0.95 * i, text, ha="left", va="center", fontsize=9, color=INK,
+                linespacing=1.35)
+    _save(fig, "choosing.png")
+
+
 def embed_in_lessons() -> None:
     """Attach each figure a lesson's markdown refers to (`attachment:NAME.png`) to that cell."""
     for path in sorted(HERE.parent.glob("*.ipynb")):
@@ -692,7 +735,7 @@ def embed_in_lessons() -> None:
 
 
 def main() -> None:
-    """Draw all seven figures into this script's folder, and embed them in the lessons."""
+    """Draw all eight figures into this script's folder, and embed them in the lessons."""
     draw_lora()
     draw_adapters()
     draw_prompts()
@@ -700,6 +743,7 @@ def main() -> None:
     draw_lora_in_block()
     draw_qlora()
     draw_distributed()
+    draw_choosing()
     embed_in_lessons()
 
 

@@ -20,6 +20,9 @@ A run found in the cache puts its trained parameters into the model, leaves the 
 training mode and torch's random number generator where training left them, and returns the
 figures that run measured on this machine: what follows in a lesson computes the same either
 way. Clear the cache (`MINIPEFT_CACHE`, or ~/.cache/minipeft) to measure again.
+
+`predict` does the same for a trained model's predictions on a data set (`evaluation.predict`),
+keyed by the model's weights as they are, the rows, the code and the machine.
 """
 from __future__ import annotations
 
@@ -34,7 +37,8 @@ from torch import nn
 
 import minipeft
 from minipeft import course
-from minipeft.course import training
+from minipeft.course import evaluation, training
+from minipeft.course.evaluation import Predictions
 
 UNKEYED = ("desc", "progress")       # how a run is reported, not what it computes
 
@@ -78,8 +82,6 @@ def _code_digest(digest: Any) -> None:
 def run_key(model: nn.Module, tokenizer, train_data, eval_data=None, **recipe) -> str:
     """The cache key of training `model` on `train_data` with `recipe` (training.train's
     keywords)."""
-    import transformers
-
     digest = hashlib.sha256()
     _model_digest(model, digest)
     digest.update(f"{type(tokenizer).__name__}|{len(tokenizer)}".encode())
@@ -88,16 +90,22 @@ def run_key(model: nn.Module, tokenizer, train_data, eval_data=None, **recipe) -
         digest.update(json.dumps(None if rows is None else rows.to_dict(), sort_keys=True,
                                  default=str).encode())
     recipe = {k: v for k, v in recipe.items() if k not in UNKEYED}
-    device = next(model.parameters()).device
-    digest.update(json.dumps({"recipe": recipe, "device": device.type, "torch": torch.__version__,
-                              "transformers": transformers.__version__},
-                             sort_keys=True, default=str).encode())
-    _code_digest(digest)
+    _setting_digest(digest, next(model.parameters()).device, recipe=recipe)
     return digest.hexdigest()[:20]
 
 
 def _folder(key: str) -> Path:
     return course.cache_dir() / "runs" / key
+
+
+def _setting_digest(digest: Any, device: torch.device, **settings: Any) -> None:
+    """Settings, the machine and the code, into `digest`."""
+    import transformers
+
+    digest.update(json.dumps({**settings, "device": device.type, "torch": torch.__version__,
+                              "transformers": transformers.__version__},
+                             sort_keys=True, default=str).encode())
+    _code_digest(digest)
 
 
 def train(model: nn.Module, tokenizer, train_data, *, eval_data=None,
@@ -133,3 +141,29 @@ def train(model: nn.Module, tokenizer, train_data, *, eval_data=None,
     save_file(state, str(folder / "trained.safetensors"))
     (folder / "result.json").write_text(json.dumps(asdict(result)))
     return result
+
+
+def predict(model: nn.Module, tokenizer, dataset, batch_size: int = 64) -> Predictions:
+    """`evaluation.predict(model, tokenizer, dataset)`, or the same predictions read back from the
+    course cache: keyed like a run, by the model (its weights as they are now), the tokenizer, the
+    rows, the code and the machine. Lesson 8 reads what lessons 4 and 5 predicted."""
+    from safetensors.torch import load_file, save_file
+
+    was_training = model.training
+    model.eval()                      # the key is the same whatever mode the model was left in
+    digest = hashlib.sha256()
+    _model_digest(model, digest)
+    digest.update(f"{type(tokenizer).__name__}|{len(tokenizer)}".encode())
+    digest.update(json.dumps(dataset.to_dict(), sort_keys=True, default=str).encode())
+    _setting_digest(digest, next(model.parameters()).device, batch_size=batch_size)
+    path = course.cache_dir() / "predictions" / f"{digest.hexdigest()[:20]}.safetensors"
+    if path.exists():
+        saved = load_file(str(path))
+        model.train(was_training)
+        return Predictions(saved["probabilities"], saved["labels"])
+    predictions = evaluation.predict(model, tokenizer, dataset, batch_size)
+    model.train(was_training)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"probabilities": predictions.probabilities, "labels": predictions.labels},
+              str(path))
+    return predictions

@@ -138,7 +138,8 @@ PROGRESS_MODES = ("live", "summary")
 
 
 def progress_mode() -> str:
-    """How `train` reports progress: `MINIPEFT_PROGRESS`, "live" (a bar, the default) or "summary".
+    """How `train` reports progress: `MINIPEFT_PROGRESS`, "live" (the default: a live loss curve
+    in a notebook with widgets, a bar elsewhere) or "summary".
 
     "summary" prints one line when training ends: what runs that keep their output (a committed
     notebook, CI logs) want instead of dozens of bar frames. `make test` and `make lessons` set it.
@@ -172,10 +173,15 @@ def train(model: nn.Module, tokenizer, train_data, *, eval_data=None, epochs: in
     result = TrainResult()
     if eval_data is not None and eval_every:
         result.val_accuracy.append((0, evaluate(model, tokenizer, eval_data)))
+    view = None
+    if progress == "live":                  # in a notebook, a live loss curve instead of a bar
+        from minipeft.course import widgets
+        if widgets.interactive():
+            view = widgets.TrainingView(desc, total)
     model.train()
     start = time.perf_counter()
     with peak_memory(device) as memory, tqdm(total=total, desc=desc, unit="step", mininterval=1.0,
-                                             disable=progress != "live") as bar:
+                                             disable=progress != "live" or view is not None) as bar:
         for _ in range(epochs):
             for batch in loader:
                 loss = train_step(model, {k: v.to(device) for k, v in batch.items()}, optimizer)
@@ -184,6 +190,8 @@ def train(model: nn.Module, tokenizer, train_data, *, eval_data=None, epochs: in
                 result.losses.append(loss)
                 bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
                 bar.update()
+                if view is not None:
+                    view.update(result.losses, result.val_accuracy)
                 if eval_data is not None and eval_every and result.steps % eval_every == 0:
                     result.val_accuracy.append((result.steps,
                                                 evaluate(model, tokenizer, eval_data)))
@@ -196,6 +204,8 @@ def train(model: nn.Module, tokenizer, train_data, *, eval_data=None, epochs: in
     if eval_data is not None and (not result.val_accuracy
                                   or result.val_accuracy[-1][0] != result.steps):
         result.val_accuracy.append((result.steps, evaluate(model, tokenizer, eval_data)))
+    if view is not None:
+        view.update(result.losses, result.val_accuracy, force=True)
     return result
 
 

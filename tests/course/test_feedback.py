@@ -290,6 +290,25 @@ def ddp_bytes_per_step(parameters, *, frozen_too=False, width=None):
                for p in parameters if p["trainable"] or frozen_too)
 
 
+def expected_calibration_error(confidence, correct, bins, *, weigh="n", absolute=True,
+                               right_closed=False, one_in_last=True, per_bin=True):
+    if not per_bin:
+        return abs(correct.float().mean() - confidence.mean()).item()
+    index = (confidence * bins).floor().long()
+    if right_closed:
+        index = (confidence * bins).ceil().long() - 1
+    index = index.clamp(max=bins - 1) if one_in_last else index
+    total, used = 0.0, 0
+    for b in range(bins):
+        in_bin = index == b
+        if in_bin.any():
+            gap = correct[in_bin].float().mean() - confidence[in_bin].mean()
+            gap = gap.abs() if absolute else gap
+            used += 1
+            total += gap.item() * (in_bin.float().mean().item() if weigh == "n" else 1)
+    return total / used if weigh == "bins" else total / bins if weigh == "all bins" else total
+
+
 def train_lora_without_training(model, tokenizer, data):
     return inject_lora(model, 8, 16)
 
@@ -314,6 +333,7 @@ RIGHT = {
     "lora_trainable_params": lora_trainable_params,
     "fsdp_shard": fsdp_shard,
     "ddp_bytes_per_step": ddp_bytes_per_step,
+    "expected_calibration_error": expected_calibration_error,
     "quantize_nf4_blockwise": quantize,
     "dequantize_nf4_blockwise": dequantize,
 }
@@ -454,6 +474,12 @@ WRONG = [
     ("ddp_bytes_per_step", lambda ps: ddp_bytes_per_step(ps, frozen_too=True), "Frozen parameters"),
     ("ddp_bytes_per_step", lambda ps: ddp_bytes_per_step(ps, width=1), "Count bytes, not numbers"),
     ("ddp_bytes_per_step", lambda ps: ddp_bytes_per_step(ps, width=4), "parameter's dtype"),
+    ("expected_calibration_error", lambda *a: expected_calibration_error(*a, weigh="bins"), "share of the predictions"),
+    ("expected_calibration_error", lambda *a: expected_calibration_error(*a, weigh="all bins"), "counts empty bins"),
+    ("expected_calibration_error", lambda *a: expected_calibration_error(*a, absolute=False), "must not cancel"),
+    ("expected_calibration_error", lambda *a: expected_calibration_error(*a, per_bin=False), "once over all"),
+    ("expected_calibration_error", lambda *a: expected_calibration_error(*a, one_in_last=False), "exactly 1"),
+    ("expected_calibration_error", lambda *a: expected_calibration_error(*a, right_closed=True), "bin above it"),
 ]
 
 

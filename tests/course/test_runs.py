@@ -1,6 +1,7 @@
 """minipeft.course.runs: a run trained once is read back when everything it depends on is the
 same (trained weights, figures and the random numbers that follow), and trained again when
 anything is not: the recipe, the adapter's starting values, the data."""
+import pytest
 import torch
 
 from minipeft import course
@@ -53,3 +54,23 @@ def test_an_identical_run_is_read_back_and_any_difference_trains_again(monkeypat
         torch.manual_seed(0)                      # the same generator state for all three
         keys.append(runs.run_key(model, tokenizer, data, **RECIPE))
     assert keys[0] == keys[1] != keys[2]
+
+
+def test_predictions_are_read_back_for_the_same_weights_only(monkeypatch, tmp_path):
+    from minipeft.course import evaluation
+
+    monkeypatch.setenv("MINIPEFT_CACHE", str(tmp_path))
+    rows = course.load_data("sentiment")["test"].select(range(12))
+    model, tokenizer = lora_bert()
+    model.train()
+    first = runs.predict(model, tokenizer, rows)
+    assert model.training, "the model's mode is restored"
+    assert len(list((tmp_path / "predictions").iterdir())) == 1
+    monkeypatch.setattr(evaluation, "predict", lambda *a, **k: 1 / 0)   # a hit computes nothing
+    again = runs.predict(model.eval(), tokenizer, rows)
+    assert torch.equal(first.probabilities, again.probabilities)
+    assert torch.equal(first.labels, again.labels)
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.requires_grad).add_(1.0)
+    with pytest.raises(ZeroDivisionError):         # other weights: predicted again
+        runs.predict(model, tokenizer, rows)
