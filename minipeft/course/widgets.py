@@ -107,10 +107,10 @@ def fit_figure(model: str, method: planner.Method, gpu: str, batch: int, seq_len
         ax.barh(0, gib, left=left, label=f"{name}: {gib:.2f}", height=0.5)
         left += gib
     ax.axvline(capacity, color="k", ls="--", lw=1.2)
-    ax.text(capacity, 0.32, f" {gpu}: {capacity} GiB", fontsize=8, va="bottom")
+    ax.text(capacity, 0.3, f" {gpu}: {capacity} GiB", fontsize=8, va="bottom")
     total = plan.total / GIB
     verdict = "fits" if total < capacity else "does not fit"
-    ax.set(xlim=(0, 1.15 * max(total, capacity)), yticks=[], xlabel="GiB",
+    ax.set(xlim=(0, 1.15 * max(total, capacity)), ylim=(-0.35, 0.45), yticks=[], xlabel="GiB",
            title=f"{model}, {method}{f' r={rank}' if method != 'full' else ''}, batch {batch} x "
                  f"{seq_len} tokens{'' if checkpointing else ', no checkpointing'}: "
                  f"{total:.2f} GiB, {verdict}")
@@ -182,6 +182,8 @@ def rank_figure(errors: torch.Tensor, r: int, shape: tuple[int, int],
         ax.scatter([kept], [accuracy[kept]], color="C3", zorder=3)
         ax.set(xscale="log", xlabel="rank r (every layer)", ylabel="accuracy",
                title=f"accuracy kept at r={kept}: {accuracy[kept]:.3f}")
+        ax.set_xticks(measured, [str(k) for k in measured])
+        ax.minorticks_off()
         ax.title.set_fontsize(9)
     figure.tight_layout()
     return figure
