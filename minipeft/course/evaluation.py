@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from minipeft.course.training import make_loader
+from minipeft.course.training import by_length, make_loader
 
 
 @dataclass(frozen=True)
@@ -51,18 +51,22 @@ class Predictions:
 
 @torch.no_grad()
 def predict(model: nn.Module, tokenizer, dataset, batch_size: int = 64) -> Predictions:
-    """The model's class probabilities on every row of `dataset` (text, label), in eval mode;
-    the model's train/eval mode is restored after."""
+    """The model's class probabilities on every row of `dataset` (text, label), in the rows'
+    order (computed in batches of similar lengths), in eval mode; the model's train/eval mode is
+    restored after."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    rows, order = by_length(dataset)
     probabilities, labels = [], []
-    for batch in make_loader(dataset, tokenizer, batch_size):
+    for batch in make_loader(rows, tokenizer, batch_size):
         labels.append(batch.pop("labels"))
         logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
         probabilities.append(logits.float().softmax(-1).cpu())
     model.train(was_training)
-    return Predictions(torch.cat(probabilities), torch.cat(labels))
+    back = torch.empty(len(order), dtype=torch.long)
+    back[torch.tensor(order)] = torch.arange(len(order))      # sorted position of each row
+    return Predictions(torch.cat(probabilities)[back], torch.cat(labels)[back])
 
 
 @dataclass(frozen=True)

@@ -72,3 +72,8 @@ def test_predict_agrees_with_evaluate_and_restores_the_mode(bert, sentiment):
     assert preds.probabilities.shape == (50, 2) and preds.labels.tolist() == rows["label"]
     assert torch.allclose(preds.probabilities.sum(1), torch.ones(50))
     assert preds.accuracy == pytest.approx(evaluate(model, tokenizer, rows))
+    model.eval()
+    with torch.no_grad():                 # batched by length, returned in the rows' order
+        one_by_one = torch.cat([model(**tokenizer(text, return_tensors="pt")).logits.softmax(-1)
+                                for text in rows["text"]])
+    assert torch.allclose(preds.probabilities, one_by_one, atol=1e-5)

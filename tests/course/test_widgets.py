@@ -103,3 +103,22 @@ def test_training_figure():
     figure = widgets.training_figure([0.7, 0.6, 0.4], [(0, 0.5), (3, 0.9)], 10, "LoRA")
     assert figure.axes[0].get_title() == "LoRA: step 3 of 10, loss 0.400"
     assert len(figure.axes) == 2
+
+
+def test_training_in_a_notebook_draws_a_live_view_instead_of_a_bar(monkeypatch, bert, sentiment):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from minipeft.course import training
+
+    _, tokenizer = bert
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=32, num_labels=2))
+    drawn = []
+    monkeypatch.setattr(widgets, "interactive", lambda: True)      # as in a Jupyter kernel
+    monkeypatch.setattr(widgets.TrainingView, "update",
+                        lambda self, losses, val, force=False: drawn.append((len(losses), force)))
+    training.train(model, tokenizer, sentiment["train"].select(range(24)), batch_size=8,
+                   progress="live")
+    assert drawn == [(1, False), (2, False), (3, False), (3, True)]   # every step, then final
