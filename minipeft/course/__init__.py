@@ -166,7 +166,7 @@ LESSONS: dict[int | str, Lesson] = {  # "2b": an optional companion of lesson 2
               notebook="06_nf4_quantization", exercise="06_nf4"),
     7: Lesson("QLoRA: a 7B model on one GPU", offline_seconds=75, full_minutes=60,
               model="llm-7b", notebook="07_qlora", exercise="07_qlora"),
-    8: Lesson("Choosing, diagnosing and evaluating", offline_seconds=85, full_minutes=30,
+    8: Lesson("Choosing, diagnosing and evaluating", offline_seconds=105, full_minutes=30,
               notebook="08_choosing_and_evaluating", exercise="08_choosing"),
     9: Lesson("Beyond one GPU: DDP and FSDP", offline_seconds=45, full_minutes=10,
               notebook="09_beyond_one_gpu", exercise="09_multi_gpu"),
