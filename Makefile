@@ -47,7 +47,7 @@ lab: setup
 
 # The unit tests run on TEST_WORKERS processes (pytest-xdist) of one thread each: they time
 # nothing, and two processes of two threads each on two cores ran 10 % slower than of one. Then
-# the lesson and solution notebooks (nbval) in two streams side by side, one thread each (a
+# the lesson and solution notebooks (nbval) in two streams side by side, one OpenMP thread each (a
 # notebook's small batches keep one core busy better than two): each notebook runs on its own,
 # in order within its stream, and the lessons that read another's cached runs (2 and 3 read 1;
 # 5 and 8 read 4) are in that lesson's stream. A lesson's timing comparisons run on one core
@@ -64,14 +64,18 @@ test: setup
 	$(OFFLINE) OMP_NUM_THREADS=1 $(PY) -m pytest tests -n $(TEST_WORKERS) -p no:cacheprovider; \
 	units=$$?; \
 	log=$$(mktemp); \
-	( $(OFFLINE) OMP_NUM_THREADS=1 $(PY) $(NBVAL) $(STREAM_B) > $$log 2>&1; echo $$? >> $$log ) & \
+	$(OFFLINE) OMP_NUM_THREADS=1 $(PY) $(NBVAL) $(STREAM_B) > $$log 2>&1 & \
+	pid=$$!; \
+	trap 'kill $$pid 2>/dev/null; rm -f $$log' INT TERM; \
 	$(OFFLINE) OMP_NUM_THREADS=1 $(PY) $(NBVAL) $(STREAM_A); \
 	stream_a=$$?; \
-	wait; \
-	echo "---- the other stream of notebooks:"; head -n -1 $$log; stream_b=$$(tail -n 1 $$log); rm -f $$log; \
+	wait $$pid; \
+	stream_b=$$?; \
+	echo "---- the other stream of notebooks:"; cat $$log; rm -f $$log; \
 	echo "make test: finished in $$(( $$(date +%s) - start )) s (pytest exit codes: unit tests" \
 	     "$$units, notebooks $$stream_a and $$stream_b)"; \
 	for rc in $$units $$stream_a $$stream_b; do \
+	    case $$rc in ''|*[!0-9]*) exit 1;; esac; \
 	    if [ $$rc -eq 5 ]; then echo "make test: a pytest run collected no tests"; \
 	    elif [ $$rc -ne 0 ]; then exit $$rc; fi; \
 	done

@@ -142,7 +142,9 @@ def folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def page(folder, tmp_path_factory):
     """A headless Chromium page on JupyterLab (both stopped after the module's tests)."""
-    lab_port, devtools_port = _free_port(), _free_port()
+    lab_port = devtools_port = _free_port()
+    while devtools_port == lab_port:
+        devtools_port = _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("MINIPEFT_WIDGETS",
                                                            "MINIPEFT_PROGRESS")}
     settings = tmp_path_factory.mktemp("settings")
@@ -156,7 +158,8 @@ def page(folder, tmp_path_factory):
         [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1",
          f"--port={lab_port}", f"--IdentityProvider.token={TOKEN}",
          f"--ServerApp.root_dir={folder}", "--LabApp.expose_app_in_browser=True",
-         "--allow-root"], env=env, cwd=folder, stdout=subprocess.DEVNULL,
+         "--ServerApp.port_retries=0", "--allow-root"], env=env, cwd=folder,
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL)
     profile = tmp_path_factory.mktemp("chromium")
     browser = subprocess.Popen(
@@ -173,6 +176,7 @@ def page(folder, tmp_path_factory):
         tools.wait("Boolean(window.jupyterapp) && Boolean(document.querySelector("
                    "'.jp-LabShell'))", 90, "JupyterLab to start")
         yield tools
+        tools.socket.close()
     finally:
         browser.terminate()
         lab.terminate()
@@ -212,7 +216,7 @@ def _run_cell(page: DevTools, index: int, seconds: float = 120) -> str:
             cell.model.sharedModel.execution_count = null; }});
         cell.node.id = "minipeft-cell-{index}";
         panel.content.activeCellIndex = {index};
-        await window.jupyterapp.commands.execute("notebook:run-cell"); return true; }})()""")
+        window.jupyterapp.commands.execute("notebook:run-cell"); return true; }})()""")
     cell = f"#minipeft-cell-{index}"
     page.wait(f"""(() => {{ const c = document.querySelector("{cell}");
         const prompt = c.querySelector(".jp-InputArea-prompt").textContent;
@@ -252,7 +256,13 @@ SELECT_QLORA_THEN_FULL = """const menu = tool.querySelectorAll("select")[1];
     menu.dispatchEvent(new Event("change", {bubbles: true}))"""
 
 
-def test_every_lesson_renders_and_its_widget_cells_run(page, folder, shots):
+def test_the_course_in_a_browser(page, folder, shots):
+    """One test, so that one JupyterLab and one Chromium serve it under pytest-xdist."""
+    every_lesson_renders_and_its_widget_cells_run(page, folder, shots)
+    every_tool_renders_in_the_tour(page, shots)
+
+
+def every_lesson_renders_and_its_widget_cells_run(page, folder, shots):
     lessons = sorted((folder / "lessons").glob("*.ipynb"))
     assert len(lessons) >= 10
     ran = 0
@@ -274,7 +284,7 @@ def test_every_lesson_renders_and_its_widget_cells_run(page, folder, shots):
     assert ran >= 2, "lessons 7 and 8 each have a Will it fit? cell tagged widget"
 
 
-def test_every_tool_renders_in_the_tour(page, shots):
+def every_tool_renders_in_the_tour(page, shots):
     assert _open(page, "tour.ipynb") == len(TOUR)
     _run_cell(page, 0)
     _check_tool(page, _run_cell(page, 1), shots / "will_it_fit.png",

@@ -56,7 +56,8 @@ def _what_trains(model: nn.Module) -> list[Finding]:
                        if isinstance(getattr(m, "scaling", None), dict)     # LoRA layers
                        for s in m.scaling.values()})
     if scalings:
-        findings.append(Finding("LoRA scaling α / r", ", ".join(f"{s:g}" for s in scalings),
+        findings.append(Finding("LoRA scaling s (α / r; α / √r with rsLoRA)",
+                                ", ".join(f"{s:g}" for s in scalings),
                                 False))
     return findings
 

@@ -59,11 +59,13 @@ def predict(model: nn.Module, tokenizer, dataset, batch_size: int = 64) -> Predi
     device = next(model.parameters()).device
     rows, order = by_length(dataset)
     probabilities, labels = [], []
-    for batch in make_loader(rows, tokenizer, batch_size):
-        labels.append(batch.pop("labels"))
-        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
-        probabilities.append(logits.float().softmax(-1).cpu())
-    model.train(was_training)
+    try:
+        for batch in make_loader(rows, tokenizer, batch_size):
+            labels.append(batch.pop("labels"))
+            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+            probabilities.append(logits.float().softmax(-1).cpu())
+    finally:
+        model.train(was_training)
     back = torch.empty(len(order), dtype=torch.long)
     back[torch.tensor(order)] = torch.arange(len(order))      # sorted position of each row
     return Predictions(torch.cat(probabilities)[back], torch.cat(labels)[back])
@@ -88,9 +90,10 @@ class Reliability:
 
 def reliability(confidence: torch.Tensor, correct: torch.Tensor, bins: int = 10) -> Reliability:
     """Bin predictions (each a `confidence` and whether it was `correct`) by confidence, in
-    `bins` equal-width bins from 0 to 1 (Guo et al.'s binning, as torchmetrics' CalibrationError
-    does it: a confidence on an edge goes to the bin above it, 1 to the last bin). With two
-    classes no confidence is below 0.5: the lower half of the bins stays empty."""
+    `bins` equal-width bins [k / bins, (k + 1) / bins) from 0 to 1, the last one closed so that it
+    holds 1 (the course's convention; Guo et al. close bins on the right, and torchmetrics gives 1
+    a bin of its own). With two classes no confidence is below 0.5: the lower half of the bins
+    stays empty."""
     if bins < 1:
         raise ValueError(f"bins must be at least 1, got {bins}")
     edges = torch.linspace(0, 1, bins + 1)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -139,7 +140,9 @@ def train(model: nn.Module, tokenizer, train_data, *, eval_data=None,
     if next(model.parameters()).device.type == "cuda":
         state["__cuda_rng_state__"] = torch.cuda.get_rng_state()
     save_file(state, str(folder / "trained.safetensors"))
-    (folder / "result.json").write_text(json.dumps(asdict(result)))
+    partial = folder / "result.json.partial"       # result.json appears whole, last
+    partial.write_text(json.dumps(asdict(result)))
+    os.replace(partial, folder / "result.json")
     return result
 
 
@@ -157,13 +160,14 @@ def predict(model: nn.Module, tokenizer, dataset, batch_size: int = 64) -> Predi
     digest.update(json.dumps(dataset.to_dict(), sort_keys=True, default=str).encode())
     _setting_digest(digest, next(model.parameters()).device, batch_size=batch_size)
     path = course.cache_dir() / "predictions" / f"{digest.hexdigest()[:20]}.safetensors"
+    model.train(was_training)
     if path.exists():
         saved = load_file(str(path))
-        model.train(was_training)
         return Predictions(saved["probabilities"], saved["labels"])
     predictions = evaluation.predict(model, tokenizer, dataset, batch_size)
-    model.train(was_training)
     path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")       # renamed when whole: never half a file
     save_file({"probabilities": predictions.probabilities, "labels": predictions.labels},
-              str(path))
+              str(partial))
+    os.replace(partial, path)
     return predictions

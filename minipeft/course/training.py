@@ -61,8 +61,8 @@ def _model_device(model: nn.Module) -> torch.device:
 def by_length(dataset) -> tuple[object, list[int]]:
     """The rows of a text data set sorted by length (characters), and their original indices.
     Batches of similar lengths pad less: on the course's test set, a quarter fewer tokens go
-    through the model. Right padding under an attention mask changes no real token's output, so
-    an evaluation gives the same predictions in less time."""
+    through the model. Padding under an attention mask does not change a real token's output
+    (up to float rounding), so an evaluation gives the same predictions in less time."""
     order = sorted(range(len(dataset)), key=lambda i: len(dataset[i]["text"]))
     return dataset.select(order), order
 

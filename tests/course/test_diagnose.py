@@ -21,7 +21,8 @@ def test_a_healthy_lora_run(capsys):
     findings = diagnose(model, result)
     assert not any(f.flagged for f in findings)
     facts = {f.check: f.fact for f in findings}
-    assert facts["LoRA scaling α / r"] == "2" and facts["classifier head"] == "trains"
+    assert facts["LoRA scaling s (α / r; α / √r with rsLoRA)"] == "2"
+    assert facts["classifier head"] == "trains"
     assert "<-" not in capsys.readouterr().out
 
 

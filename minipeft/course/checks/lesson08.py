@@ -93,8 +93,9 @@ register(Exercise(
         Mistake("A confidence of exactly 1 belongs to the last bin: make the last bin include "
                 "its upper edge.",
                 lambda c, y, b: _ece_with(c, y, b, drop_one=True)),
-        Mistake("A confidence on an edge belongs to the bin above it (bins are [low, high)), as "
-                "in torchmetrics, except 1, which goes to the last bin.",
+        Mistake("In this course a confidence on an edge belongs to the bin above it: bins are "
+                "[low, high), the last one holding 1 (Guo et al. close them on the right; pick "
+                "one convention and keep it).",
                 lambda c, y, b: _ece_with(c, y, b, right_closed=True)),
     ),
     hint="Bins [k/bins, (k+1)/bins) (the last one includes 1); for each bin holding "
