@@ -67,19 +67,11 @@ def by_length(dataset) -> tuple[object, list[int]]:
     return dataset.select(order), order
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, tokenizer, dataset, batch_size: int = 64) -> float:
-    """Accuracy of a sequence classifier on a labelled data set (batched by length)."""
-    was_training = model.training
-    model.eval()
-    device = _model_device(model)
-    correct = 0
-    for batch in make_loader(by_length(dataset)[0], tokenizer, batch_size):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        labels = batch.pop("labels")
-        correct += (model(**batch).logits.argmax(-1) == labels).sum().item()
-    model.train(was_training)
-    return correct / len(dataset)
+    """Accuracy of a sequence classifier on a labelled data set (`evaluation.predict`'s)."""
+    from minipeft.course import evaluation     # it batches with this module's loader
+
+    return evaluation.predict(model, tokenizer, dataset, batch_size).accuracy
 
 
 @torch.no_grad()
