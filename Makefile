@@ -45,36 +45,35 @@ lab: setup
 	$(VENV)/bin/jupyter lab --ServerApp.root_dir="$(CURDIR)" --ContentsManager.preferred_dir=lessons \
 	    $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
-# The unit tests run on TEST_WORKERS processes (pytest-xdist) of one thread each: they time
-# nothing, and two processes of two threads each on two cores ran 10 % slower than of one. Then
-# the lesson and solution notebooks (nbval) in two streams side by side, one OpenMP thread each (a
-# notebook's small batches keep one core busy better than two): each notebook runs on its own,
-# in order within its stream, and the lessons that read another's cached runs (2 and 3 read 1;
-# 5 and 8 read 4) are in that lesson's stream. A lesson's timing comparisons run on one core
-# while the other stream has the other (measured: 632 s instead of 825 s for the notebooks, all
-# passing). pytest exits 5 when it collects nothing: reported, and not a failure.
-TEST_WORKERS ?= 2
-NBVAL := -m pytest --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg \
-         --nbval-cell-timeout=300 -p no:cacheprovider
-STREAM_B := lessons/04_adapters.ipynb lessons/05_prompt_and_prefix_tuning.ipynb \
-            lessons/07_qlora.ipynb lessons/08_choosing_and_evaluating.ipynb
-STREAM_A := $(filter-out $(STREAM_B),$(sort $(wildcard lessons/*.ipynb solutions/*.ipynb)))
+# Every test runs in two lanes side by side, one process and one OpenMP thread each (on two
+# cores, two busy processes of one thread did the most work per second; the unit tests took 319 s
+# in one process against 2 x 212 s on two pytest-xdist workers). Lane A: the unit tests, then
+# lessons 1-3 and the solutions; lane B: lessons 4-9. Each notebook runs on its own (nbval), in
+# order within its lane, and a lesson that reads another's cached runs (2 and 3 read 1; 5 and 8
+# read 4) is in that lesson's lane. A lesson's timing comparisons run on one core while the other
+# lane has the other. pytest exits 5 when it collects nothing: reported, and not a failure.
+PYTEST := -m pytest -p no:cacheprovider
+NBVAL := $(PYTEST) --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg \
+         --nbval-cell-timeout=300
+LANE_B := $(sort $(wildcard lessons/0[4-9]_*.ipynb))
+LANE_A := $(filter-out $(LANE_B),$(sort $(wildcard lessons/*.ipynb))) $(sort $(wildcard solutions/*.ipynb))
 test: setup
 	@start=$$(date +%s); \
-	$(OFFLINE) OMP_NUM_THREADS=1 $(PY) -m pytest tests -n $(TEST_WORKERS) -p no:cacheprovider; \
-	units=$$?; \
 	log=$$(mktemp); \
-	$(OFFLINE) OMP_NUM_THREADS=1 $(PY) $(NBVAL) $(STREAM_B) > $$log 2>&1 & \
+	$(OFFLINE) OMP_NUM_THREADS=1 $(PY) $(NBVAL) $(LANE_B) > $$log 2>&1 & \
 	pid=$$!; \
 	trap 'kill $$pid 2>/dev/null; rm -f $$log' INT TERM; \
-	$(OFFLINE) OMP_NUM_THREADS=1 $(PY) $(NBVAL) $(STREAM_A); \
-	stream_a=$$?; \
+	echo "make test: lessons 4-9 run in the background (their report follows at the end)"; \
+	$(OFFLINE) OMP_NUM_THREADS=1 $(PY) $(PYTEST) tests; \
+	units=$$?; \
+	$(OFFLINE) OMP_NUM_THREADS=1 $(PY) $(NBVAL) $(LANE_A); \
+	lane_a=$$?; \
 	wait $$pid; \
-	stream_b=$$?; \
-	echo "---- the other stream of notebooks:"; cat $$log; rm -f $$log; \
+	lane_b=$$?; \
+	echo "---- lane B (lessons 4-9):"; cat $$log; rm -f $$log; \
 	echo "make test: finished in $$(( $$(date +%s) - start )) s (pytest exit codes: unit tests" \
-	     "$$units, notebooks $$stream_a and $$stream_b)"; \
-	for rc in $$units $$stream_a $$stream_b; do \
+	     "$$units, notebooks $$lane_a and $$lane_b)"; \
+	for rc in $$units $$lane_a $$lane_b; do \
 	    case $$rc in ''|*[!0-9]*) exit 1;; esac; \
 	    if [ $$rc -eq 5 ]; then echo "make test: a pytest run collected no tests"; \
 	    elif [ $$rc -ne 0 ]; then exit $$rc; fi; \

@@ -257,7 +257,7 @@ SELECT_QLORA_THEN_FULL = """const menu = tool.querySelectorAll("select")[1];
 
 
 def test_the_course_in_a_browser(page, folder, shots):
-    """One test, so that one JupyterLab and one Chromium serve it under pytest-xdist."""
+    """One test: one JupyterLab and one Chromium serve every check."""
     every_lesson_renders_and_its_widget_cells_run(page, folder, shots)
     every_tool_renders_in_the_tour(page, shots)
 

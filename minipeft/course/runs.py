@@ -31,7 +31,7 @@ import json
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -80,33 +80,38 @@ def _code_digest(digest: Any) -> None:
         digest.update(path.read_bytes())
 
 
-def run_key(model: nn.Module, tokenizer, train_data, eval_data=None, **recipe) -> str:
-    """The cache key of training `model` on `train_data` with `recipe` (training.train's
-    keywords)."""
+def _key(model: nn.Module, tokenizer, rows: list, **settings: Any) -> str:
+    """The cache key of what `model` (as it is now) computes on `rows` (data sets, or None) with
+    `settings`: the tokenizer, the code and the machine included."""
+    import transformers
+
     digest = hashlib.sha256()
     _model_digest(model, digest)
     digest.update(f"{type(tokenizer).__name__}|{len(tokenizer)}".encode())
-    digest.update(torch.get_rng_state().numpy().tobytes())
-    for rows in (train_data, eval_data):
-        digest.update(json.dumps(None if rows is None else rows.to_dict(), sort_keys=True,
+    for dataset in rows:
+        digest.update(json.dumps(None if dataset is None else dataset.to_dict(), sort_keys=True,
                                  default=str).encode())
-    recipe = {k: v for k, v in recipe.items() if k not in UNKEYED}
-    _setting_digest(digest, next(model.parameters()).device, recipe=recipe)
-    return digest.hexdigest()[:20]
-
-
-def _folder(key: str) -> Path:
-    return course.cache_dir() / "runs" / key
-
-
-def _setting_digest(digest: Any, device: torch.device, **settings: Any) -> None:
-    """Settings, the machine and the code, into `digest`."""
-    import transformers
-
-    digest.update(json.dumps({**settings, "device": device.type, "torch": torch.__version__,
+    digest.update(json.dumps({**settings, "device": next(model.parameters()).device.type,
+                              "torch": torch.__version__,
                               "transformers": transformers.__version__},
                              sort_keys=True, default=str).encode())
     _code_digest(digest)
+    return digest.hexdigest()[:20]
+
+
+def run_key(model: nn.Module, tokenizer, train_data, eval_data=None, **recipe) -> str:
+    """The cache key of training `model` on `train_data` with `recipe` (training.train's
+    keywords), from torch's random number generator's state as training would start."""
+    rng = hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest()
+    recipe = {k: v for k, v in recipe.items() if k not in UNKEYED}
+    return _key(model, tokenizer, [train_data, eval_data], recipe=recipe, rng=rng)
+
+
+def _write_whole(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(a file beside path)`, then rename it to `path`: a reader never finds half a file."""
+    partial = path.with_name(path.name + ".partial")
+    write(partial)
+    os.replace(partial, path)
 
 
 def train(model: nn.Module, tokenizer, train_data, *, eval_data=None,
@@ -115,7 +120,8 @@ def train(model: nn.Module, tokenizer, train_data, *, eval_data=None,
     course cache (see the module's docstring). Trains `model` in place either way."""
     from safetensors.torch import load_file, save_file
 
-    folder = _folder(run_key(model, tokenizer, train_data, eval_data, **recipe))
+    folder = course.cache_dir() / "runs" / run_key(model, tokenizer, train_data, eval_data,
+                                                   **recipe)
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if (folder / "result.json").exists():
         saved = load_file(str(folder / "trained.safetensors"))
@@ -139,10 +145,9 @@ def train(model: nn.Module, tokenizer, train_data, *, eval_data=None,
     state["__rng_state__"] = torch.get_rng_state()      # dropout drew from it while training
     if next(model.parameters()).device.type == "cuda":
         state["__cuda_rng_state__"] = torch.cuda.get_rng_state()
-    save_file(state, str(folder / "trained.safetensors"))
-    partial = folder / "result.json.partial"       # result.json appears whole, last
-    partial.write_text(json.dumps(asdict(result)))
-    os.replace(partial, folder / "result.json")
+    _write_whole(folder / "trained.safetensors", lambda f: save_file(state, str(f)))
+    _write_whole(folder / "result.json",           # last: its presence marks a complete run
+                 lambda f: f.write_text(json.dumps(asdict(result))))
     return result
 
 
@@ -154,20 +159,14 @@ def predict(model: nn.Module, tokenizer, dataset, batch_size: int = 64) -> Predi
 
     was_training = model.training
     model.eval()                      # the key is the same whatever mode the model was left in
-    digest = hashlib.sha256()
-    _model_digest(model, digest)
-    digest.update(f"{type(tokenizer).__name__}|{len(tokenizer)}".encode())
-    digest.update(json.dumps(dataset.to_dict(), sort_keys=True, default=str).encode())
-    _setting_digest(digest, next(model.parameters()).device, batch_size=batch_size)
-    path = course.cache_dir() / "predictions" / f"{digest.hexdigest()[:20]}.safetensors"
+    key = _key(model, tokenizer, [dataset], batch_size=batch_size)
     model.train(was_training)
+    path = course.cache_dir() / "predictions" / f"{key}.safetensors"
     if path.exists():
         saved = load_file(str(path))
         return Predictions(saved["probabilities"], saved["labels"])
     predictions = evaluation.predict(model, tokenizer, dataset, batch_size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")       # renamed when whole: never half a file
-    save_file({"probabilities": predictions.probabilities, "labels": predictions.labels},
-              str(partial))
-    os.replace(partial, path)
+    _write_whole(path, lambda f: save_file({"probabilities": predictions.probabilities,
+                                            "labels": predictions.labels}, str(f)))
     return predictions
