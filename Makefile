@@ -48,29 +48,30 @@ lab: setup
 # Every test runs in two lanes side by side, one process and one OpenMP thread each (on two
 # cores, two busy processes of one thread did the most work per second; the unit tests took 319 s
 # in one process against 2 x 212 s on two pytest-xdist workers). Lane A: the unit tests, then
-# lessons 1-3 and the solutions; lane B: lessons 4-9. Each notebook runs on its own (nbval), in
-# order within its lane, and a lesson that reads another's cached runs (2 and 3 read 1; 5 and 8
-# read 4) is in that lesson's lane. A lesson's timing comparisons run on one core while the other
-# lane has the other. pytest exits 5 when it collects nothing: reported, and not a failure.
+# lessons 1-3 (2 and 3 read lesson 1's cached run, so they run after it) and the solutions; lane
+# B: the other lessons (5 and 8 read lesson 4's runs, after it). Each notebook runs on its own
+# kernel (nbval), its time shown beside it. A lesson's timing comparisons run on one core while
+# the other lane has the other. pytest exits 5 when it collects nothing: reported, not a failure.
 PYTEST := -m pytest -p no:cacheprovider
 NBVAL := $(PYTEST) --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg \
-         --nbval-cell-timeout=300
-LANE_B := $(sort $(wildcard lessons/0[4-9]_*.ipynb))
-LANE_A := $(filter-out $(LANE_B),$(sort $(wildcard lessons/*.ipynb))) $(sort $(wildcard solutions/*.ipynb))
+         --nbval-cell-timeout=300 -o console_output_style=times
+LANE_A_LESSONS := lessons/01_full_finetuning.ipynb lessons/02_lora_math.ipynb lessons/03_lora.ipynb
+LANE_A := $(LANE_A_LESSONS) $(sort $(wildcard solutions/*.ipynb))
+LANE_B := $(filter-out $(LANE_A_LESSONS),$(sort $(wildcard lessons/*.ipynb)))
 test: setup
 	@start=$$(date +%s); \
 	log=$$(mktemp); \
 	$(OFFLINE) OMP_NUM_THREADS=1 $(PY) $(NBVAL) $(LANE_B) > $$log 2>&1 & \
 	pid=$$!; \
 	trap 'kill $$pid 2>/dev/null; rm -f $$log' INT TERM; \
-	echo "make test: lessons 4-9 run in the background (their report follows at the end)"; \
+	echo "make test: lane B (lessons 2b and 4-9) runs beside this one; its report follows"; \
 	$(OFFLINE) OMP_NUM_THREADS=1 $(PY) $(PYTEST) tests; \
 	units=$$?; \
 	$(OFFLINE) OMP_NUM_THREADS=1 $(PY) $(NBVAL) $(LANE_A); \
 	lane_a=$$?; \
 	wait $$pid; \
 	lane_b=$$?; \
-	echo "---- lane B (lessons 4-9):"; cat $$log; rm -f $$log; \
+	echo "---- lane B:"; cat $$log; rm -f $$log; \
 	echo "make test: finished in $$(( $$(date +%s) - start )) s (pytest exit codes: unit tests" \
 	     "$$units, notebooks $$lane_a and $$lane_b)"; \
 	for rc in $$units $$lane_a $$lane_b; do \
