@@ -1,6 +1,9 @@
 """The CI entry points instructors use: .ci/run, and the GitHub Actions workflow for a fork."""
+import shutil
+import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,3 +27,25 @@ def test_ci_installs_chromium_for_the_browser_test():
     run = (ROOT / ".ci" / "run").read_text()
     assert "apt-get install -y -q chromium" in run
     assert run.index("chromium") < run.index("make test")
+
+
+def make_variable(name: str) -> list[str]:
+    """A Makefile variable as make expands it (-p prints the database; -n runs nothing)."""
+    database = subprocess.run(["make", "--no-print-directory", "-pn", "setup"], cwd=ROOT,
+                              capture_output=True, text=True, check=True).stdout
+    line = next(line for line in database.splitlines() if line.startswith(f"{name} :="))
+    return line.split(":=", 1)[1].split()
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_test_runs_every_notebook_once_after_the_lessons_whose_runs_it_reads():
+    lane_a, lane_b = make_variable("LANE_A"), make_variable("LANE_B")
+    notebooks = sorted(str(p.relative_to(ROOT)) for folder in ("lessons", "solutions")
+                       for p in (ROOT / folder).glob("*.ipynb"))
+    assert sorted(lane_a + lane_b) == notebooks
+    for first, readers in {"01_full_finetuning": ("02_lora_math", "03_lora"),
+                           "04_adapters": ("05_prompt_and_prefix_tuning",
+                                           "08_choosing_and_evaluating")}.items():
+        lane = lane_a if f"lessons/{first}.ipynb" in lane_a else lane_b
+        for reader in readers:
+            assert lane.index(f"lessons/{first}.ipynb") < lane.index(f"lessons/{reader}.ipynb")
