@@ -67,7 +67,7 @@ test: setup
 	$(OFFLINE) OMP_NUM_THREADS=1 $(PY) $(NBVAL) $(LANE_B) > $$log 2>&1 & \
 	pid=$$!; \
 	trap 'kill $$pid 2>/dev/null; rm -f $$log' INT TERM; \
-	echo "make test: lane B (lessons 2b and 4-9) runs beside this one; its report follows"; \
+	echo "make test: lane B ($(words $(LANE_B)) lessons) runs beside this one; its report follows"; \
 	$(OFFLINE) OMP_NUM_THREADS=1 $(PY) $(NBVAL) $(LANE_A); \
 	lane_a=$$?; \
 	$(OFFLINE) OMP_NUM_THREADS=1 $(PY) $(PYTEST) tests; \

@@ -29,17 +29,18 @@ def test_ci_installs_chromium_for_the_browser_test():
     assert run.index("chromium") < run.index("make test")
 
 
-def make_variable(name: str) -> list[str]:
-    """A Makefile variable as make expands it (-p prints the database; -n runs nothing)."""
+def make_variables() -> dict[str, list[str]]:
+    """The Makefile's variables as make expands them (-p prints the database; -n runs nothing)."""
     database = subprocess.run(["make", "--no-print-directory", "-pn", "setup"], cwd=ROOT,
                               capture_output=True, text=True, check=True).stdout
-    line = next(line for line in database.splitlines() if line.startswith(f"{name} :="))
-    return line.split(":=", 1)[1].split()
+    return {name: value.split() for name, _, value in
+            (line.partition(" := ") for line in database.splitlines()) if value}
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_make_test_runs_every_notebook_once_after_the_lessons_whose_runs_it_reads():
-    lane_a, lane_b = make_variable("LANE_A"), make_variable("LANE_B")
+    variables = make_variables()
+    lane_a, lane_b = variables["LANE_A"], variables["LANE_B"]
     notebooks = sorted(str(p.relative_to(ROOT)) for folder in ("lessons", "solutions")
                        for p in (ROOT / folder).glob("*.ipynb"))
     assert sorted(lane_a + lane_b) == notebooks

@@ -57,11 +57,13 @@ def remember(model: nn.Module, result: training.TrainResult, test_accuracy: floa
     """Keep lesson 1's trained model and its figures in the course cache."""
     from safetensors.torch import save_model
 
+    from minipeft.course.runs import write_whole
+
     folder = _folder(settings or course.settings())
     folder.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(folder / "model.safetensors"))
-    (folder / "result.json").write_text(json.dumps(
-        {"result": asdict(result), "test_accuracy": test_accuracy}))
+    write_whole(folder / "model.safetensors", lambda f: save_model(model, str(f)))
+    write_whole(folder / "result.json", lambda f: f.write_text(json.dumps(   # last: complete
+        {"result": asdict(result), "test_accuracy": test_accuracy})))
 
 
 def full_finetuning(settings: course.Settings | None = None) -> Baseline:

@@ -107,7 +107,7 @@ def run_key(model: nn.Module, tokenizer, train_data, eval_data=None, **recipe) -
     return _key(model, tokenizer, [train_data, eval_data], recipe=recipe, rng=rng)
 
 
-def _write_whole(path: Path, write: Callable[[Path], None]) -> None:
+def write_whole(path: Path, write: Callable[[Path], None]) -> None:
     """`write(a file beside path)`, then rename it to `path`: a reader never finds half a file."""
     partial = path.with_name(path.name + ".partial")
     write(partial)
@@ -145,8 +145,8 @@ def train(model: nn.Module, tokenizer, train_data, *, eval_data=None,
     state["__rng_state__"] = torch.get_rng_state()      # dropout drew from it while training
     if next(model.parameters()).device.type == "cuda":
         state["__cuda_rng_state__"] = torch.cuda.get_rng_state()
-    _write_whole(folder / "trained.safetensors", lambda f: save_file(state, str(f)))
-    _write_whole(folder / "result.json",           # last: its presence marks a complete run
+    write_whole(folder / "trained.safetensors", lambda f: save_file(state, str(f)))
+    write_whole(folder / "result.json",           # last: its presence marks a complete run
                  lambda f: f.write_text(json.dumps(asdict(result))))
     return result
 
@@ -167,6 +167,6 @@ def predict(model: nn.Module, tokenizer, dataset, batch_size: int = 64) -> Predi
         return Predictions(saved["probabilities"], saved["labels"])
     predictions = evaluation.predict(model, tokenizer, dataset, batch_size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_whole(path, lambda f: save_file({"probabilities": predictions.probabilities,
+    write_whole(path, lambda f: save_file({"probabilities": predictions.probabilities,
                                             "labels": predictions.labels}, str(f)))
     return predictions
