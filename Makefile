@@ -49,10 +49,11 @@ lab: setup
 # cores, two busy processes of one thread did the most work per second; the unit tests took 319 s
 # in one process against 2 x 212 s on two pytest-xdist workers). Each notebook runs on its own
 # kernel (nbval), its time shown beside it; a lesson that reads another's cached runs comes after
-# it in the same lane (2 and 3 read lesson 1's run; 5 and 8 read lesson 4's). The lessons that
-# compare timings (3, 4, 5, 6) run early, beside other notebooks: the unit tests start browsers and
-# several processes at once, and beside them two timing comparisons failed. So the unit tests run
-# last in lane A, beside lessons 7-9. pytest exits 5 when it collects nothing: not a failure.
+# it in the same lane (2 and 3 read lesson 1's run; 2b, 5 and 8 read lesson 4's; 8 reads 2b's
+# and 5's). The lessons that compare timings (3, 4, 5, 6) run early, beside other notebooks: the
+# unit tests start browsers and several processes at once, and beside them two timing comparisons
+# failed. So the unit tests run last in lane A, beside lessons 7-9. pytest exits 5 when it
+# collects nothing: not a failure.
 PYTEST := -m pytest -p no:cacheprovider
 NBVAL := $(PYTEST) --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg \
          --nbval-cell-timeout=300 -o console_output_style=times

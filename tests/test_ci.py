@@ -45,8 +45,10 @@ def test_make_test_runs_every_notebook_once_after_the_lessons_whose_runs_it_read
                        for p in (ROOT / folder).glob("*.ipynb"))
     assert sorted(lane_a + lane_b) == notebooks
     for first, readers in {"01_full_finetuning": ("02_lora_math", "03_lora"),
-                           "04_adapters": ("05_prompt_and_prefix_tuning",
-                                           "08_choosing_and_evaluating")}.items():
+                           "04_adapters": ("02b_rslora", "05_prompt_and_prefix_tuning",
+                                           "08_choosing_and_evaluating"),
+                           "02b_rslora": ("08_choosing_and_evaluating",),
+                           "05_prompt_and_prefix_tuning": ("08_choosing_and_evaluating",)}.items():
         lane = lane_a if f"lessons/{first}.ipynb" in lane_a else lane_b
         for reader in readers:
             assert lane.index(f"lessons/{first}.ipynb") < lane.index(f"lessons/{reader}.ipynb")

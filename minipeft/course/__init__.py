@@ -135,7 +135,9 @@ DATA = {  # name -> what it is, by profile
 class Lesson:
     """One lesson: what its banner says, and what it loads."""
     title: str
-    offline_seconds: int   # measured: 2-core AMD EPYC, no AVX-512 (make lessons, 2026-11-30)
+    offline_seconds: int   # measured: 2-core AMD EPYC, no AVX-512 (make lessons; lessons 1-5, 2b
+                           # and 8 on 2026-12-01 at a slow hour: up to twice as fast at others;
+                           # 6, 7 and 9 on 2026-11-30)
     full_minutes: int      # rough, on one modern GPU
     model: str | tuple[str, ...] | None = "bert"   # key(s) of MODELS, or None for no model
     data: str | None = "sentiment"   # a key of DATA, or None
@@ -149,24 +151,24 @@ class Lesson:
 
 
 LESSONS: dict[int | str, Lesson] = {  # "2b": an optional companion of lesson 2
-    1: Lesson("Full fine-tuning of BERT", offline_seconds=105, full_minutes=15,
+    1: Lesson("Full fine-tuning of BERT", offline_seconds=85, full_minutes=15,
               notebook="01_full_finetuning", exercise="01_full_finetuning"),
     2: Lesson("The math of LoRA", offline_seconds=40, full_minutes=15,
               notebook="02_lora_math", exercise="02_lora"),
-    "2b": Lesson("α / r or α / √r: the scaling and the rank (optional)", offline_seconds=20,
-                 full_minutes=1, model=None, data=None, notebook="02b_rslora"),
-    3: Lesson("LoRA fine-tuning in practice", offline_seconds=100, full_minutes=20,
+    "2b": Lesson("α / r or α / √r: the scaling and the rank (optional)", offline_seconds=30,
+                 full_minutes=5, notebook="02b_rslora"),
+    3: Lesson("LoRA fine-tuning in practice", offline_seconds=75, full_minutes=20,
               notebook="03_lora", exercise="03_lora"),
-    4: Lesson("Bottleneck adapters", offline_seconds=110, full_minutes=20,
+    4: Lesson("Bottleneck adapters", offline_seconds=90, full_minutes=20,
               notebook="04_adapters", exercise="04_adapters"),
-    5: Lesson("Prompt tuning and prefix tuning", offline_seconds=120, full_minutes=20,
+    5: Lesson("Prompt tuning and prefix tuning", offline_seconds=95, full_minutes=20,
               model=("llm", "bert"), notebook="05_prompt_and_prefix_tuning",
               exercise="05_prompt_tuning"),
     6: Lesson("Quantisation and NF4", offline_seconds=40, full_minutes=5,
               notebook="06_nf4_quantization", exercise="06_nf4"),
     7: Lesson("QLoRA: a 7B model on one GPU", offline_seconds=75, full_minutes=60,
               model="llm-7b", notebook="07_qlora", exercise="07_qlora"),
-    8: Lesson("Choosing, diagnosing and evaluating", offline_seconds=105, full_minutes=30,
+    8: Lesson("Choosing, diagnosing and evaluating", offline_seconds=70, full_minutes=30,
               notebook="08_choosing_and_evaluating", exercise="08_choosing"),
     9: Lesson("Beyond one GPU: DDP and FSDP", offline_seconds=45, full_minutes=10,
               notebook="09_beyond_one_gpu", exercise="09_multi_gpu"),

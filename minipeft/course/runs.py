@@ -59,8 +59,10 @@ def _is_plain(value: Any) -> bool:
 def _model_digest(model: nn.Module, digest: Any) -> None:
     digest.update(type(model).__name__.encode())
     config = getattr(model, "config", None)
-    if config is not None:
-        digest.update(config.to_json_string(use_diff=False).encode())
+    if config is not None:          # less `architectures`, which save_pretrained rewrites
+        fields = json.loads(config.to_json_string(use_diff=False))
+        fields.pop("architectures", None)       # (the class is keyed above)
+        digest.update(json.dumps(fields, sort_keys=True).encode())
     for name, module in model.named_modules():
         settings = {k: v for k, v in vars(module).items()
                     if not k.startswith("_") and _is_plain(v)}

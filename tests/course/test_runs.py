@@ -56,7 +56,7 @@ def test_an_identical_run_is_read_back_and_any_difference_trains_again(monkeypat
     assert keys[0] == keys[1] != keys[2]
 
 
-def test_predictions_are_read_back_for_the_same_weights_only(monkeypatch, tmp_path):
+def test_predictions_are_read_back_for_the_same_weights_only_saved_or_not(monkeypatch, tmp_path):
     from minipeft.course import evaluation
 
     monkeypatch.setenv("MINIPEFT_CACHE", str(tmp_path))
@@ -67,6 +67,7 @@ def test_predictions_are_read_back_for_the_same_weights_only(monkeypatch, tmp_pa
     assert model.training, "the model's mode is restored"
     assert len(list((tmp_path / "predictions").iterdir())) == 1
     monkeypatch.setattr(evaluation, "predict", lambda *a, **k: 1 / 0)   # a hit computes nothing
+    model.save_pretrained(tmp_path / "saved")       # rewrites config.architectures, no weight
     again = runs.predict(model.eval(), tokenizer, rows)
     assert torch.equal(first.probabilities, again.probabilities)
     assert torch.equal(first.labels, again.labels)
