@@ -2,6 +2,8 @@
 
     python bench/nf4.py                 # CPU: 4096 x 4096, float32 and bfloat16
     python bench/nf4.py --threads 1     # both libraries on one core (bitsandbytes through OMP_NUM_THREADS)
+    python bench/nf4.py --march x86-64-v3  # minipeft's C kernel built for AVX2 only (its AVX2 paths
+                                           # on an AVX-512 CPU; bitsandbytes unchanged)
     python bench/nf4.py --gpu           # also the CUDA part (Triton kernels), needs a GPU
     python bench/nf4.py --gpu --skip-cpu  # the CUDA part only
 
@@ -38,6 +40,7 @@ with warnings.catch_warnings():
     import bitsandbytes
     import bitsandbytes.functional as bnb_f
 
+from minipeft import quant_c
 from minipeft.quant import NF4State, dequantize_nf4, quantize_nf4
 from timing import interleaved_times
 
@@ -143,12 +146,18 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", help="also run the CUDA part")
     parser.add_argument("--skip-cpu", action="store_true", help="leave out the CPU part")
     parser.add_argument("--peak-gbs", type=float, default=None, help="the GPU's peak memory bandwidth, GB/s")
+    parser.add_argument("--march", default=None,
+                        help="build minipeft's C kernel with -march=MARCH instead of native")
     args = parser.parse_args()
+    if args.march:  # before the first build: the flags are part of the compiled file's name
+        quant_c.FLAGS = tuple(f"-march={args.march}" if flag.startswith("-march=") else flag
+                              for flag in quant_c.FLAGS)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, bitsandbytes {bitsandbytes.__version__}")
     if not args.skip_cpu:
         print(f"CPU: {args.threads} threads, {CPU_SHAPE[0]} x {CPU_SHAPE[1]}, blocksize 64, "
-              f"min of {REPEATS} interleaved runs")
+              f"min of {REPEATS} interleaved runs; minipeft's C kernel built with "
+              f"{next(flag for flag in quant_c.FLAGS if flag.startswith('-march='))}")
         print(f"{'':22s} {'minipeft':>10s} {'bnb':>10s} {'bnb/minipeft':>13s}")
         for dtype in (torch.float32, torch.bfloat16):
             for name, ours, theirs in cpu_rows(dtype):

@@ -26,6 +26,42 @@ def test_c_kernel_same_as_torch_path_for_every_blocksize_and_dtype(blocksize):
                                    dequantize_nf4(packed, state, out_dtype, backend="torch"))
 
 
+def _cpu_has(flag: str) -> bool:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return any(line.startswith("flags") and flag in line.split() for line in cpuinfo)
+    except OSError:
+        return False
+
+
+# Each instruction set takes its own code path (AVX-512: __builtin_shuffle; AVX2: intrinsics;
+# x86-64: the generic loops): build the ones this CPU can run, whichever CI machine it is.
+@needs_c_kernel
+@pytest.mark.parametrize("march", ["x86-64", "x86-64-v3", "x86-64-v4"])
+def test_c_kernel_gives_the_same_values_built_for_each_x86_instruction_set(march, monkeypatch,
+                                                                            tmp_path):
+    from minipeft import quant_c
+
+    needed = {"x86-64": "sse2", "x86-64-v3": "avx2", "x86-64-v4": "avx512bw"}[march]
+    if not _cpu_has(needed):
+        pytest.skip(f"needs an x86 CPU with {needed}")
+    monkeypatch.setenv("MINIPEFT_CACHE", str(tmp_path))
+    monkeypatch.setattr(quant_c, "FLAGS", tuple(f"-march={march}" if flag.startswith("-march=")
+                                                else flag for flag in quant_c.FLAGS))
+    quant_c.build.cache_clear()
+    try:
+        assert quant_c.kernel() is not None
+        assert [path.name for path in tmp_path.iterdir()][0].endswith(".so")
+        for blocksize in (32, 64, 256):
+            x = random((7, 3 * blocksize + 5), torch.float32, seed=blocksize)
+            packed, state = quantize_nf4(x, blocksize)
+            for out_dtype in DTYPES:
+                assert torch.equal(dequantize_nf4(packed, state, out_dtype, backend="c"),
+                                   dequantize_nf4(packed, state, out_dtype, backend="torch"))
+    finally:
+        quant_c.build.cache_clear()     # the next test builds for this machine again
+
+
 @needs_c_kernel
 def test_c_kernel_splits_large_tensors_over_threads_unevenly():
     x = random(3 * 2**20 + 37, torch.bfloat16, seed=6)  # three threads' worth, and a partial last block
