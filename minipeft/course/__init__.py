@@ -136,8 +136,8 @@ class Lesson:
     """One lesson: what its banner says, and what it loads."""
     title: str
     offline_seconds: int   # measured: 2-core AMD EPYC, no AVX-512 (make lessons; lessons 1-5, 2b
-                           # and 8 on 2026-12-01 at a slow hour: up to twice as fast at others;
-                           # 6, 7 and 9 on 2026-11-30)
+                           # and 8 on 2026-12-01, 6, 7 and 9 on 2026-11-30); with AVX-512, about
+                           # half as long
     full_minutes: int      # rough, on one modern GPU
     model: str | tuple[str, ...] | None = "bert"   # key(s) of MODELS, or None for no model
     data: str | None = "sentiment"   # a key of DATA, or None
