@@ -114,5 +114,9 @@ def bnb_4bit(model: nn.Module) -> nn.Module:
                                           quant_type="nf4")
                 layer.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False,
                                                  compress_statistics=True, quant_type="nf4")
+                # On CPUs with AVX512-BF16, bitsandbytes runs an eval-mode layer without
+                # gradients in bf16 (absmax and input rounded): keep its float32 computation,
+                # the one minipeft's matches
+                layer.support_avx512bf16_for_cpu = False
                 setattr(parent, name, layer.to("cpu"))
     return model

@@ -19,6 +19,12 @@ IDS = torch.tensor([[5, 17, 42, 8, 3, 99], [7, 7, 1, 60, 4, 9]])
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def llama() -> nn.Module:
+    """Rows of whole 64-value blocks: on AVX-512 CPUs bitsandbytes 0.50.2 dequantises other rows
+    wrongly (tests/test_quant.py), and these tests compare with it."""
+    return tiny_llama(hidden=64)
+
+
 def test_the_compute_dtype_is_float32_on_cpu_and_a_bad_one_is_refused():
     assert compute_dtype_for("cpu") == torch.float32
     assert compute_dtype_for("cpu", torch.bfloat16) == torch.bfloat16
@@ -39,7 +45,7 @@ def test_the_compute_dtype_on_this_gpu():
 
 
 def test_every_linear_but_the_head_becomes_4bit_with_the_same_bytes_as_bitsandbytes():
-    ours, theirs = quantize_model(tiny_llama()), bnb_4bit(tiny_llama())
+    ours, theirs = quantize_model(llama()), bnb_4bit(llama())
     layers = {name: m for name, m in ours.named_modules() if isinstance(m, Linear4bit)}
     assert sorted({name.rsplit(".", 1)[-1] for name in layers}) == sorted(LINEARS)
     assert isinstance(ours.lm_head, nn.Linear) and isinstance(ours.model.embed_tokens, nn.Embedding)
@@ -54,12 +60,12 @@ def test_every_linear_but_the_head_becomes_4bit_with_the_same_bytes_as_bitsandby
 
 def test_lora_on_the_4bit_base_equals_peft_on_bitsandbytes():
     config = LoraConfig(target_modules=list(LINEARS), r=4, alpha=8)
-    reference = peft.get_peft_model(bnb_4bit(tiny_llama()), peft.LoraConfig(
+    reference = peft.get_peft_model(bnb_4bit(llama()), peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=list(LINEARS)))
     trained(reference, seed=3)
     weights = {key.removeprefix("base_model.model.").replace(".default", ""): t
                for key, t in reference.state_dict().items() if "lora_" in key}
-    ours = add_lora(quantize_model(tiny_llama()), config, weights=weights)
+    ours = add_lora(quantize_model(llama()), config, weights=weights)
     assert isinstance(ours.model.layers[0].self_attn.q_proj.base_layer, Linear4bit)
     with torch.no_grad():
         torch.testing.assert_close(ours(input_ids=IDS).logits, reference(input_ids=IDS).logits,
@@ -68,11 +74,11 @@ def test_lora_on_the_4bit_base_equals_peft_on_bitsandbytes():
 
 def test_peft_qlora_folders_both_ways(tmp_path):
     config = LoraConfig(target_modules=["q_proj", "v_proj", "down_proj"], r=4, alpha=8)
-    ours = add_lora(quantize_model(tiny_llama()), config)
+    ours = add_lora(quantize_model(llama()), config)
     trained(ours, seed=3)
     export_peft(ours, tmp_path / "ours")
-    theirs = peft.PeftModel.from_pretrained(bnb_4bit(tiny_llama()), tmp_path / "ours")
-    back = import_peft(quantize_model(tiny_llama()), tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(bnb_4bit(llama()), tmp_path / "ours")
+    back = import_peft(quantize_model(llama()), tmp_path / "ours")
     with torch.no_grad():
         expected = ours(input_ids=IDS).logits
         torch.testing.assert_close(theirs(input_ids=IDS).logits, expected, rtol=0, atol=1e-5)
@@ -82,7 +88,7 @@ def test_peft_qlora_folders_both_ways(tmp_path):
 @pytest.mark.parametrize("use_reentrant", [False, True])
 def test_only_the_adapters_train_and_checkpointing_gives_the_same_gradients(use_reentrant):
     def gradients(checkpointing: bool) -> dict[str, torch.Tensor]:
-        model = add_lora(quantize_model(tiny_llama()), LoraConfig(target_modules=list(LINEARS)))
+        model = add_lora(quantize_model(llama()), LoraConfig(target_modules=list(LINEARS)))
         trained(model, seed=3)
         model.train()
         if checkpointing:
@@ -99,7 +105,7 @@ def test_only_the_adapters_train_and_checkpointing_gives_the_same_gradients(use_
 
 
 def test_merging_keeps_the_update_that_requantising_would_round_away():
-    model = add_lora(quantize_model(tiny_llama()), LoraConfig(target_modules=list(LINEARS), r=4))
+    model = add_lora(quantize_model(llama()), LoraConfig(target_modules=list(LINEARS), r=4))
     trained(model, seed=3)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -125,14 +131,14 @@ def test_merging_keeps_the_update_that_requantising_would_round_away():
 
 
 def test_a_model_without_matching_linear_layers_is_refused_untouched():
-    model = tiny_llama()
+    model = llama()
     with pytest.raises(ValueError, match="matched no nn.Linear.*q_proj"):
         quantize_model(model, ["query"])
     assert not any(isinstance(m, Linear4bit) for m in model.modules())
 
 
 def test_adapters_train_in_float32_over_a_bfloat16_base():
-    model = add_lora(quantize_model(tiny_llama(), compute_dtype=torch.bfloat16),
+    model = add_lora(quantize_model(llama(), compute_dtype=torch.bfloat16),
                      LoraConfig(target_modules=["q_proj", "v_proj"]))
     layer = model.model.layers[0].self_attn.q_proj
     assert layer.base_layer.compute_dtype == torch.bfloat16

@@ -14,9 +14,10 @@ def tiny_bert(seed: int = 0, hidden: int = 32) -> nn.Module:
     return BertForSequenceClassification(config).eval()
 
 
-def tiny_llama(seed: int = 0) -> nn.Module:
+def tiny_llama(seed: int = 0, hidden: int = 32) -> nn.Module:
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=100, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     return LlamaForCausalLM(config).eval()
 
