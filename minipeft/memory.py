@@ -6,7 +6,8 @@ Full fine-tuning with Adam in fp32 keeps, for every parameter,
 
 plus activations. PEFT keeps the weights but pays gradients and optimizer state only for the
 trainable set, which is the whole point of the course. `training_state_bytes` computes that
-prediction from a model; `peak_memory` measures what really happened.
+prediction from a model; `peak_memory` measures what really happened, and `peak_tensor_memory`
+what of it was tensors (the figure a prediction counts).
 """
 from __future__ import annotations
 
@@ -138,6 +139,37 @@ def peak_memory(device: str | torch.device = "cpu") -> Iterator[PeakMemory]:
         stop.set()
         sampler.join()
         result.peak_bytes = max(peak[0], rss_bytes())
+
+
+@contextmanager
+def peak_tensor_memory(device: str | torch.device = "cpu") -> Iterator[PeakMemory]:
+    """The peak of the bytes held by live tensors inside a `with` block, above where it started.
+
+    On CUDA that is `peak_memory` itself (the allocator's tensors). On CPU `peak_memory` measures
+    the resident set, which also holds what the C library's allocator keeps of freed blocks for
+    reuse (on Linux, glibc keeps freed blocks below its adaptive mmap threshold, up to 32 MiB
+    each, in the heap): training's many mid-sized temporaries can more than double it. This one
+    adds up the allocations and frees PyTorch's profiler records, in order; it slows the block
+    down (and the profiler prints its start and stop on stderr).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        with peak_memory(device) as result:
+            yield result
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    result = PeakMemory(device=str(device))
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        yield result
+    changes = sorted((event.start_ns(), event.nbytes())
+                     for event in profiler.profiler.kineto_results.events()
+                     if event.name() == "[memory]"
+                     and event.device_type() == torch.autograd.DeviceType.CPU)
+    live = 0
+    for _, nbytes in changes:
+        live += nbytes
+        result.peak_bytes = max(result.peak_bytes, live)
 
 
 def format_bytes(n: float) -> str:

@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from minipeft.memory import (ParamCount, count_parameters, format_bytes, peak_memory, rss_bytes,
+from minipeft.memory import (ParamCount, count_parameters, format_bytes, peak_memory,
+                             peak_tensor_memory, rss_bytes,
                              training_state_bytes)
 
 
@@ -62,6 +63,18 @@ def test_peak_memory_sees_a_temporary_allocation():
         del block
     assert measured.increase_bytes >= 48 * 2**20
     assert rss_bytes() > 0
+
+
+def test_peak_tensor_memory_counts_tensors_alive_at_once_not_what_the_process_keeps():
+    kept = torch.ones(1000)                              # from before the block: not counted
+    with peak_tensor_memory() as measured:
+        first = torch.ones(2**20)                        # 4 MiB
+        second = torch.ones(2**19)                       # 2 MiB: 6 MiB at once
+        del first, second
+        third = torch.ones(2**20)                        # 4 MiB, after they went
+        del third
+    assert measured.increase_bytes == 6 * 2**20
+    assert kept.sum() == 1000
 
 
 def test_format_bytes():

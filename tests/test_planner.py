@@ -59,6 +59,35 @@ def test_a_real_transformers_config_and_the_trainable_state_of_a_real_model():
     assert predicted.quantized_weights == packed
 
 
+def test_the_plan_of_a_qlora_step_is_within_15_percent_of_the_tensors_measured_on_cpu():
+    """Issue 14's CPU check, on the course's offline LLM (SmolLM2-135M, 49,152-word vocabulary):
+    what a step adds to the loaded model, against the live tensors' peak (the resident set
+    holds the C allocator's reserve too: bench/qlora.py prints both)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from minipeft import course
+    from minipeft.memory import peak_tensor_memory
+    from minipeft.qlora import prepare_for_training
+
+    batch, seq_len, rank = 2, 128, 16
+    model = AutoModelForCausalLM.from_pretrained(course.model_source("llm", "offline"))
+    model = prepare_for_training(add_lora(quantize_model(model), LoraConfig(
+        target_modules=list(Shape.of(model.config).linear_layers()), r=rank))).train()
+    ids = torch.randint(100, 40000, (batch, seq_len), generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    with peak_tensor_memory() as measured:
+        for _ in range(2):                              # the second step starts with AdamW's state
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    predicted = plan(model.config, "qlora", batch=batch, seq_len=seq_len, rank=rank,
+                     weight_dtype="float32")
+    adds = (predicted.trainable_state - 4 * predicted.trainable_params + predicted.activations
+            + predicted.logits)                         # the adapters' weights were there before
+    assert abs(measured.increase_bytes - adds) < 0.15 * adds, (measured.increase_bytes, adds)
+
+
 def test_configs_the_planner_cannot_count_are_refused():
     with pytest.raises(ValueError, match="lacks.*intermediate_size"):
         plan({"model_type": "llama", "hidden_size": 8})
