@@ -152,6 +152,8 @@ def main() -> None:
     if args.march:  # before the first build: the flags are part of the compiled file's name
         quant_c.FLAGS = tuple(f"-march={args.march}" if flag.startswith("-march=") else flag
                               for flag in quant_c.FLAGS)
+        if quant_c.kernel() is None:
+            sys.exit(f"--march {args.march}: the C kernel could not be built ({quant_c.build()[1]})")
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, bitsandbytes {bitsandbytes.__version__}")
     if not args.skip_cpu:

@@ -8,9 +8,9 @@ layer but the head in NF4 with double quantisation, LoRA r=16 (alpha 32) on all 
 checkpointing on, float32 compute (the CPU default). Measured on CPU with 2 threads:
 
 - train step: forward + backward + AdamW step on a causal-LM batch
-- peak memory: the peak growth of live tensors over 3 training steps (PyTorch's profiler), and
-  of the resident set, each implementation in a fresh process (it also holds what the C
-  library's allocator keeps of freed blocks, which varies between runs)
+- peak memory: the peak growth of live tensors over 3 training steps (PyTorch's profiler, in this
+  process), and of the resident set, each implementation in a fresh process (it also holds what
+  the C library's allocator keeps of freed blocks, which varies between runs)
 
 Times are medians over repeats after warm-up, the two implementations interleaved. Ratios are
 minipeft / peft: below 1.0 means minipeft is faster/smaller. On a GPU this script needs a 7B-shaped
@@ -117,8 +117,8 @@ def bench(batch: int, seq_len: int) -> list[tuple[str, float, float, str]]:
 
 def tensor_peak(impl: str, inputs: dict[str, torch.Tensor]) -> int:
     """Peak growth of live tensors over MEMORY_STEPS training steps of a fresh model and AdamW:
-    what the steps allocate, without the C allocator's reserve (which makes the resident set
-    vary by a quarter between runs of the same code)."""
+    what the steps allocate, without the C allocator's reserve (which made the resident set
+    vary by up to a fifth between runs of the same code)."""
     step = train_step_fn(with_qlora(impl), inputs)
     with peak_tensor_memory() as tensors:
         for _ in range(MEMORY_STEPS):

@@ -162,10 +162,11 @@ def peak_tensor_memory(device: str | torch.device = "cpu") -> Iterator[PeakMemor
     result = PeakMemory(device=str(device))
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
         yield result
-    changes = sorted((event.start_ns(), event.nbytes())
-                     for event in profiler.profiler.kineto_results.events()
-                     if event.name() == "[memory]"
-                     and event.device_type() == torch.autograd.DeviceType.CPU)
+    changes = sorted(((event.start_ns(), event.nbytes())
+                      for event in profiler.profiler.kineto_results.events()
+                      if event.name() == "[memory]"
+                      and event.device_type() == torch.autograd.DeviceType.CPU),
+                     key=lambda change: change[0])    # by time only: ties keep their order
     live = 0
     for _, nbytes in changes:
         live += nbytes

@@ -3,10 +3,10 @@ ctypes.
 
 Dequantisation is one table lookup and one multiply per value. PyTorch's gather looks values up one
 at a time; bitsandbytes' CPU kernel is hand-vectorised C. nf4_dequantize.c looks up 16 or 32 at a
-time (GCC's vector extensions: one vpermps or vpermw instruction on AVX-512), and asks the OS for
-huge pages for the output. It is compiled with the machine's GCC on first use (-march=native, so
-the cache is keyed by CPU too), and called through ctypes, which releases the GIL: a thread pool
-splits the blocks over torch.get_num_threads() cores.
+time (GCC's vector extensions: one vpermps or vpermw instruction on AVX-512; intrinsics on AVX2,
+which has neither), and asks the OS for huge pages for the output. It is compiled with the
+machine's GCC on first use (-march=native, so the cache is keyed by CPU too), and called through
+ctypes, which releases the GIL: a thread pool splits the blocks over torch.get_num_threads() cores.
 Where it cannot be built, `kernel()` is None and minipeft.quant uses PyTorch operations, with a
 warning.
 """

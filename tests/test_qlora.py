@@ -20,8 +20,9 @@ LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def llama() -> nn.Module:
-    """Rows of whole 64-value blocks: on AVX-512 CPUs bitsandbytes 0.50.2 dequantises other rows
-    wrongly (tests/test_quant.py), and these tests compare with it."""
+    """The tiny Llama with rows of whole 64-value blocks: on AVX-512 CPUs bitsandbytes 0.50.2
+    dequantises other rows wrongly (tests/test_quant.py), and several tests here compare with
+    bitsandbytes."""
     return tiny_llama(hidden=64)
 
 

@@ -153,7 +153,7 @@ class Lesson:
 LESSONS: dict[int | str, Lesson] = {  # "2b": an optional companion of lesson 2
     1: Lesson("Full fine-tuning of BERT", offline_seconds=85, full_minutes=15,
               notebook="01_full_finetuning", exercise="01_full_finetuning"),
-    2: Lesson("The math of LoRA", offline_seconds=40, full_minutes=15,
+    2: Lesson("The math of LoRA", offline_seconds=50, full_minutes=15,
               notebook="02_lora_math", exercise="02_lora"),
     "2b": Lesson("α / r or α / √r: the scaling and the rank (optional)", offline_seconds=30,
                  full_minutes=5, notebook="02b_rslora"),
