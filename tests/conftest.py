@@ -22,7 +22,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def bert():
-    """The course's offline 'bert' (pretrained MiniLM) and its tokenizer; copy before changing it."""
+    """The course's offline 'bert' (pretrained MiniLM) and its tokenizer; copy before changing
+    it."""
     from minipeft import course
     return course.load_model("bert", profile="offline")
 

@@ -1,4 +1,5 @@
-"""What the NF4 tests share (tests/test_quant*.py): dtypes, seeded inputs, bitsandbytes' quantiser."""
+"""What the NF4 tests share (tests/test_quant*.py): dtypes, seeded inputs, bitsandbytes'
+quantiser."""
 import warnings
 
 import pytest
@@ -11,7 +12,8 @@ with warnings.catch_warnings():
     import bitsandbytes.functional as bnb_f
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-needs_c_kernel = pytest.mark.skipif(quant_c.kernel() is None, reason="the C kernel cannot be built here (no GCC 9+)")
+needs_c_kernel = pytest.mark.skipif(quant_c.kernel() is None,
+                                    reason="the C kernel cannot be built here (no GCC 9+)")
 
 
 def random(shape, dtype=torch.float32, seed=0, scale=1.0) -> torch.Tensor:
@@ -19,4 +21,5 @@ def random(shape, dtype=torch.float32, seed=0, scale=1.0) -> torch.Tensor:
 
 
 def bnb_quantize(x: torch.Tensor, blocksize: int = 64, double_quant: bool = False):
-    return bnb_f.quantize_4bit(x, blocksize=blocksize, compress_statistics=double_quant, quant_type="nf4")
+    return bnb_f.quantize_4bit(x, blocksize=blocksize, compress_statistics=double_quant,
+                               quant_type="nf4")

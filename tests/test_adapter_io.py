@@ -22,8 +22,10 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWa
 
 
 IDS = torch.randint(0, 100, (3, 11), generator=torch.Generator().manual_seed(0))
-BERT_CONFIG = LoraConfig(r=4, alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"])
-LLAMA_CONFIG = LoraConfig(r=2, alpha=3, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True)
+BERT_CONFIG = LoraConfig(r=4, alpha=8, target_modules=["query", "value"],
+                         modules_to_save=["classifier"])
+LLAMA_CONFIG = LoraConfig(r=2, alpha=3, target_modules=["q_proj", "v_proj", "down_proj"],
+                          use_rslora=True)
 
 
 def logits(model: nn.Module) -> torch.Tensor:
@@ -100,14 +102,16 @@ def test_minipeft_imports_a_peft_saved_adapter(tmp_path, make, config):
     ours = import_peft(make(), tmp_path)
     assert (logits(ours) - logits(theirs)).abs().max() < 1e-5
     imported = ours.minipeft_configs["default"]
-    assert sorted(imported.target_modules) == sorted(config.target_modules)  # peft keeps a set: order is lost
+    # peft keeps a set: order is lost
+    assert sorted(imported.target_modules) == sorted(config.target_modules)
     assert (imported.r, imported.alpha, imported.use_rslora, imported.modules_to_save) == \
         (config.r, config.alpha, config.use_rslora, config.modules_to_save)
 
 
 def test_peft_seq_cls_task_type_adapter_imports(tmp_path):
     """peft lists both "classifier" and "score" as heads for SEQ_CLS; BERT has only the first."""
-    theirs = peft.get_peft_model(tiny_bert(), peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,
+    theirs = peft.get_peft_model(tiny_bert(), peft.LoraConfig(task_type="SEQ_CLS", r=4,
+                                                              lora_alpha=8,
                                                               target_modules=["query", "value"]))
     trained(theirs)
     theirs.eval()
@@ -126,7 +130,7 @@ def test_round_trip_through_peft_and_back(tmp_path):
     assert torch.equal(logits(back), logits(ours))
 
 
-# ---------------------------------------------------------------- mismatches: clear errors, model untouched
+# ------------------------------------------------------- mismatches: clear errors, model untouched
 
 def test_adapter_for_another_model_size_is_refused(tmp_path):
     save_adapter(trained(add_lora(tiny_bert(hidden=32), BERT_CONFIG)), tmp_path)
@@ -167,7 +171,8 @@ def test_peft_adapter_with_other_rank_is_refused(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps(config | {"r": 8}))
     model = tiny_bert()
     before = snapshot(model)
-    with pytest.raises(ValueError, match=r"wrong shape: .*lora_A.weight is \(4, 32\) in the weights but \(8, 32\)"):
+    with pytest.raises(ValueError, match=r"wrong shape: .*lora_A.weight is \(4, 32\) in the "
+                                         r"weights but \(8, 32\)"):
         import_peft(model, tmp_path)
     assert_unchanged(model, before)
 

@@ -58,7 +58,8 @@ def test_houlsby_is_LN_of_h_plus_A_of_h_plus_r_after_attention_and_feed_forward(
         assert isinstance(host, PostNormAdapters)
         assert isinstance(host.base_layer, (BertSelfOutput, BertOutput))
         generator = torch.Generator().manual_seed(0)
-        x, r = torch.randn(2, 5, x_width, generator=generator), torch.randn(2, 5, 32, generator=generator)
+        x, r = (torch.randn(2, 5, x_width, generator=generator),
+                torch.randn(2, 5, 32, generator=generator))
         base = host.base_layer.eval()
         h = x @ base.dense.weight.T + base.dense.bias
         expected = base.LayerNorm(h + A(host.adapters["default"], h, F.silu) + r)
@@ -113,7 +114,8 @@ def test_houlsby_init_is_near_identity_and_bert_init_is_not_identity():
     assert not torch.equal(near, before) and not torch.equal(bert, before)
     assert (near - before).abs().max() < (bert - before).abs().max()
     weights = [p for n, p in add_adapters(tiny_bert(), AdapterConfig(init="houlsby")
-                                          ).named_parameters() if n.endswith("weight") and ".up." in n]
+                                          ).named_parameters()
+               if n.endswith("weight") and ".up." in n]
     assert all(w.abs().max() <= 2e-2 for w in weights)   # cut at 2 standard deviations
 
 

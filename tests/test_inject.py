@@ -62,7 +62,8 @@ def test_a_taken_adapter_name_is_refused():
 def test_weights_that_do_not_fit_are_named():
     expected = {"a.weight": (2, 3), "b.weight": (4,)}
     check_weights({"a.weight": torch.zeros(2, 3), "b.weight": torch.zeros(4)}, expected)
-    with pytest.raises(ValueError, match=r"missing: b.weight; unexpected: c; wrong shape: a.weight"):
+    with pytest.raises(ValueError,
+                       match=r"missing: b.weight; unexpected: c; wrong shape: a.weight"):
         check_weights({"a.weight": torch.zeros(3, 2), "c": torch.zeros(1)}, expected)
 
 

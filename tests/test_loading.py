@@ -106,7 +106,8 @@ def test_old_checkpoints_rotary_copies_are_skipped_and_late_biases_attached(tmp_
     (folder / "model.safetensors").unlink()
     weight_map = {k: "a.safetensors" for k in tensors if k not in biases} | {
         k: "b.safetensors" for k in biases}
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {},
+                                                                     "weight_map": weight_map}))
     ours = load_quantized(folder)
     reference = quantize_model(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32))
     assert_same_4bit_model(ours, reference)

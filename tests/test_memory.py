@@ -30,8 +30,9 @@ def test_param_count_prints_like_peft():
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
-    base = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                                    intermediate_size=64, vocab_size=100))
+    base = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2,
+                                                    num_attention_heads=2, intermediate_size=64,
+                                                    vocab_size=100))
     peft_model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["query", "value"]))
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):

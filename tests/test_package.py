@@ -54,9 +54,10 @@ def test_the_wheel_holds_every_module_and_data_file_and_they_import(tmp_path):
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
     shutil.copytree(PACKAGE, source / "minipeft", ignore=shutil.ignore_patterns("__pycache__"))
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                            "--disable-pip-version-check", "-q", "-w", str(tmp_path / "dist"),
-                            str(source)], capture_output=True, text=True, timeout=300)
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
+                            "--no-build-isolation", "--disable-pip-version-check", "-q", "-w",
+                            str(tmp_path / "dist"), str(source)], capture_output=True, text=True,
+                           timeout=300)
     assert build.returncode == 0, build.stderr[-3000:]
     wheel = next((tmp_path / "dist").glob("minipeft-*.whl"))
     site = tmp_path / "site"
@@ -92,7 +93,8 @@ def test_the_methods_need_neither_the_course_nor_the_references(tmp_path):
         "    importlib.import_module(name)\n", cwd=tmp_path, pythonpath=ROOT)
 
 
-@pytest.mark.parametrize("path", [p for p in package_files() if p.suffix in (".py", ".c")],
+@pytest.mark.parametrize("path", [p for p in package_files() if p.suffix in (".py", ".c")]
+                         + sorted([*ROOT.glob("tests/**/*.py"), *ROOT.glob("bench/*.py")]),
                          ids=lambda p: str(p.relative_to(ROOT)))
 def test_package_lines_fit_a_notebook_pane(path):
     long = [f"line {i}: {len(line)} characters" for i, line in

@@ -30,7 +30,8 @@ def with_peft_prompt(make, task_type: str, n: int = 5):
 
 def test_bert_classification_equals_peft_with_segments_padding_and_labels():
     reference, ours = with_peft_prompt(tiny_bert, "SEQ_CLS")
-    batch = dict(input_ids=IDS, attention_mask=MASK, token_type_ids=TYPES, labels=torch.tensor([0, 1]))
+    batch = dict(input_ids=IDS, attention_mask=MASK, token_type_ids=TYPES,
+                 labels=torch.tensor([0, 1]))
     with torch.no_grad():
         theirs, mine = reference(**batch), ours(**batch)
     torch.testing.assert_close(mine.logits, theirs.logits, rtol=0, atol=1e-6)
@@ -54,7 +55,8 @@ def test_disabled_it_is_the_base_model_and_only_the_prompt_trains():
     model = add_prompt_tuning(tiny_bert(), PromptTuningConfig(num_virtual_tokens=3,
                                                               modules_to_save=["classifier"]))
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {"prompt_encoder.prompts.default", "classifier.modules_to_save.default.weight",
+    assert trainable == {"prompt_encoder.prompts.default",
+                         "classifier.modules_to_save.default.weight",
                          "classifier.modules_to_save.default.bias"}
     with torch.no_grad(), disable_adapters(model):
         assert torch.equal(model(input_ids=IDS).logits, expected)
@@ -102,8 +104,9 @@ def test_what_is_not_supported_says_so():
 
 @pytest.mark.parametrize("add", ["prompt", "prefix"])
 def test_given_positions_count_the_virtual_tokens_as_the_default_ones_do(add):
-    model = (add_prompt_tuning(tiny_llama(), PromptTuningConfig(num_virtual_tokens=2)) if add ==
-             "prompt" else add_prefix_tuning(tiny_llama(), PrefixTuningConfig(num_virtual_tokens=2)))
+    model = (add_prompt_tuning(tiny_llama(), PromptTuningConfig(num_virtual_tokens=2))
+             if add == "prompt"
+             else add_prefix_tuning(tiny_llama(), PrefixTuningConfig(num_virtual_tokens=2)))
     with torch.no_grad():
         numbered = model(input_ids=IDS, position_ids=torch.arange(6).expand(2, -1)).logits
         torch.testing.assert_close(numbered, model(input_ids=IDS).logits, rtol=0, atol=0)

@@ -1,8 +1,9 @@
-"""minipeft.quant against bitsandbytes (the reference, run on CPU) and against the format's definition.
+"""minipeft.quant against bitsandbytes (the reference, run on CPU) and against the format's
+definition.
 
-Definition: a block of `blocksize` values (memory order) is scaled by 1 / absmax, each value gets the index
-of the nearest NF4 code (ties: the lower one), two indices per byte (first in the high nibble), and
-dequantisation is NF4_CODE[q] * absmax in float32, rounded to the output dtype.
+Definition: a block of `blocksize` values (memory order) is scaled by 1 / absmax, each value gets
+the index of the nearest NF4 code (ties: the lower one), two indices per byte (first in the high
+nibble), and dequantisation is NF4_CODE[q] * absmax in float32, rounded to the output dtype.
 """
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from minipeft.quant import (NF4_CODE, NF4_MIDPOINTS, Linear4bit, NF4State, dequantize_nf4, dynamic_8bit_code,
-                            nf4_code_from_normal_quantiles, nf4_nbytes, quantize_nf4)
+from minipeft.quant import (NF4_CODE, NF4_MIDPOINTS, Linear4bit, NF4State, dequantize_nf4,
+                            dynamic_8bit_code, nf4_code_from_normal_quantiles, nf4_nbytes,
+                            quantize_nf4)
 from nf4_inputs import DTYPES, bnb_quantize, needs_c_kernel, random
 
 with warnings.catch_warnings():
@@ -26,7 +28,7 @@ with warnings.catch_warnings():
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-# ---------------------------------------------------------------------------------------------- helpers
+# -------------------------------------------------------------------------------- helpers
 
 def assert_same_as_bnb(x: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> None:
     packed, state = quantize_nf4(x, blocksize, double_quant)
@@ -38,7 +40,8 @@ def assert_same_as_bnb(x: torch.Tensor, blocksize: int = 64, double_quant: bool 
     if double_quant:
         assert torch.equal(state.offset, ref_state.offset)
         assert torch.equal(state.nested_absmax, ref_state.state2.absmax)
-        assert torch.equal(state.block_absmax(), bnb_f.dequantize_blockwise(ref_state.absmax, ref_state.state2)
+        assert torch.equal(state.block_absmax(),
+                           bnb_f.dequantize_blockwise(ref_state.absmax, ref_state.state2)
                            + ref_state.offset)
 
 
@@ -47,19 +50,21 @@ def unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
     return torch.stack([flat >> 4, flat & 15], dim=1).view(-1)[:n].long()
 
 
-def dequantize_by_definition(packed: torch.Tensor, state: NF4State, dtype: torch.dtype) -> torch.Tensor:
+def dequantize_by_definition(packed: torch.Tensor, state: NF4State,
+                             dtype: torch.dtype) -> torch.Tensor:
     scale = state.block_absmax().repeat_interleave(state.blocksize)[:state.numel]
     return (NF4_CODE[unpack(packed, state.numel)] * scale).to(dtype).view(state.shape)
 
 
-# ---------------------------------------------------------------------------------------------- code tables
+# -------------------------------------------------------------------------------- code tables
 
 def test_nf4_table_is_derived_from_normal_quantiles_and_equals_bitsandbytes():
     derived = nf4_code_from_normal_quantiles()
     assert torch.equal(derived, NF4_CODE)
     assert torch.equal(derived, bnb_f.get_4bit_type("nf4", device="cpu"))
     assert derived[0] == -1 and derived[7] == 0 and derived[15] == 1 and (derived.diff() > 0).all()
-    # The offset matters to the last bit: the unrounded mean of 1 - 1/30 and 1 - 1/32 gives another table.
+    # The offset matters to the last bit: the unrounded mean of 1 - 1/30 and 1 - 1/32 gives another
+    # table.
     unrounded = nf4_code_from_normal_quantiles(offset=(1 - 1 / 30 + 1 - 1 / 32) / 2)
     assert not torch.equal(unrounded, NF4_CODE) and torch.allclose(unrounded, NF4_CODE, atol=1e-6)
 
@@ -71,7 +76,7 @@ def test_dynamic_map_equals_bitsandbytes():
     assert code.min() > -1 and code.max() == 1 and (code == 0).sum() == 1
 
 
-# ---------------------------------------------------------------------------------------------- byte identity
+# -------------------------------------------------------------------------------- byte identity
 
 AWKWARD_SHAPES = [(1,), (7,), (64,), (65,), (3, 33), (2, 96), (128, 96), (257, 31), (3, 5, 129)]
 
@@ -91,8 +96,8 @@ def test_double_quant_same_as_bitsandbytes(shape, dtype):
 
 
 @settings(max_examples=40, deadline=None)
-@given(n=st.integers(1, 3000), blocksize=st.sampled_from([2, 16, 64, 512, 4096]), seed=st.integers(0, 2**16),
-       log_scale=st.integers(-30, 30), dtype=st.sampled_from(DTYPES))
+@given(n=st.integers(1, 3000), blocksize=st.sampled_from([2, 16, 64, 512, 4096]),
+       seed=st.integers(0, 2**16), log_scale=st.integers(-30, 30), dtype=st.sampled_from(DTYPES))
 def test_same_bytes_as_bitsandbytes_any_size(n, blocksize, seed, log_scale, dtype):
     if dtype == torch.float16:
         log_scale //= 4  # keep float16 finite
@@ -108,8 +113,8 @@ def test_same_bytes_as_bitsandbytes_any_size(n, blocksize, seed, log_scale, dtyp
 def test_large_matrix_same_bytes_where_a_plain_bucketize_differs():
     x = random((4096, 4096), seed=0)
     assert_same_as_bnb(x)
-    # The test can fail: dividing by absmax instead of multiplying by 1 / absmax, then bucketize over the
-    # midpoints (the textbook version), differs from bitsandbytes in a byte of this matrix.
+    # The test can fail: dividing by absmax instead of multiplying by 1 / absmax, then bucketize
+    # over the midpoints (the textbook version), differs from bitsandbytes in a byte of this matrix.
     blocks = x.view(-1, 64)
     naive = torch.bucketize(blocks / blocks.abs().amax(dim=1, keepdim=True), NF4_MIDPOINTS).view(-1)
     ref_packed, _ = bnb_quantize(x)
@@ -121,7 +126,8 @@ def test_ties_on_midpoints_take_the_lower_code():
     below = torch.nextafter(NF4_MIDPOINTS, torch.tensor(-2.0))
     above = torch.nextafter(NF4_MIDPOINTS, torch.tensor(2.0))
     values = torch.stack([below, NF4_MIDPOINTS, above], dim=1).view(-1)
-    x = torch.cat([torch.tensor([1.0]), values, -values, torch.tensor([-1.0])])  # 92 values, 2 blocks
+    # 92 values, 2 blocks
+    x = torch.cat([torch.tensor([1.0]), values, -values, torch.tensor([-1.0])])
     x = torch.cat([x, torch.ones(128 - x.numel())])
     assert_same_as_bnb(x)
     packed, _ = quantize_nf4(x)
@@ -131,18 +137,21 @@ def test_ties_on_midpoints_take_the_lower_code():
 
 
 def test_special_blocks_zeros_tiny_and_huge():
-    x = torch.cat([torch.zeros(64), 1e-39 * torch.randn(64), 1e-33 * torch.randn(64), 1e36 * torch.randn(64),
-                   torch.full((64,), -2.5), torch.zeros(10)])  # last, partial block all zero
+    x = torch.cat([torch.zeros(64), 1e-39 * torch.randn(64), 1e-33 * torch.randn(64),
+                   1e36 * torch.randn(64), torch.full((64,), -2.5),
+                   torch.zeros(10)])  # last, partial block all zero
     for dtype in (torch.float32,):
         assert_same_as_bnb(x.to(dtype))
     packed, state = quantize_nf4(x)
-    assert state.absmax[0] == 0 and state.absmax[-1] == 1e-38  # bitsandbytes clamps only a partial block
+    # bitsandbytes clamps only a partial block
+    assert state.absmax[0] == 0 and state.absmax[-1] == 1e-38
     assert torch.equal(dequantize_nf4(packed, state)[-10:], torch.zeros(10))
 
 
 def test_every_linear_weight_of_the_course_bert(bert):
     model, _ = bert
-    weights = {name: m.weight.detach() for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    weights = {name: m.weight.detach() for name, m in model.named_modules()
+               if isinstance(m, nn.Linear)}
     assert len(weights) >= 30
     for name, weight in weights.items():
         assert_same_as_bnb(weight)
@@ -151,7 +160,7 @@ def test_every_linear_weight_of_the_course_bert(bert):
         assert_same_as_bnb(weights[name].bfloat16())
 
 
-# ---------------------------------------------------------------------------------------------- dequantise
+# -------------------------------------------------------------------------------- dequantise
 
 @pytest.mark.parametrize("shape", AWKWARD_SHAPES + [(512, 512)])
 @pytest.mark.parametrize("double_quant", [False, True])
@@ -174,14 +183,16 @@ def test_dequantize_same_as_bitsandbytes(dtype, double_quant, backend):
     x = random((256, 320), dtype, seed=4)
     packed, state = quantize_nf4(x, 64, double_quant)
     ref_packed, ref_state = bnb_quantize(x, 64, double_quant)
-    assert torch.equal(dequantize_nf4(packed, state, backend=backend), bnb_f.dequantize_4bit(ref_packed, ref_state))
+    assert torch.equal(dequantize_nf4(packed, state, backend=backend),
+                       bnb_f.dequantize_4bit(ref_packed, ref_state))
 
 
 def test_quantisation_error_is_small():
     x = random((512, 512), seed=5)
     packed, state = quantize_nf4(x)
     error = (dequantize_nf4(packed, state) - x).abs()
-    # half the largest gap between neighbouring codes (-1 and -0.696), times absmax, bounds the error
+    # half the largest gap between neighbouring codes (-1 and -0.696), times absmax, bounds the
+    # error
     bound = 0.5 * NF4_CODE.diff().max() * state.absmax.repeat_interleave(64).view(512, 512)
     assert (error <= bound * (1 + 1e-6)).all()
     assert error.mean() < 0.1
@@ -190,43 +201,50 @@ def test_quantisation_error_is_small():
 def test_dequantize_reads_strided_and_meta_tensors_correctly():
     x = random((64, 100), seed=10)
     packed, state = quantize_nf4(x)
-    strided = torch.stack([packed, torch.zeros_like(packed)], dim=1)[:, 0]  # every other byte of a buffer
+    # every other byte of a buffer
+    strided = torch.stack([packed, torch.zeros_like(packed)], dim=1)[:, 0]
     assert not strided.is_contiguous()
     assert torch.equal(dequantize_nf4(strided, state), dequantize_nf4(packed, state))
-    meta = dequantize_nf4(packed.to("meta"), state.to("meta"))  # e.g. a model built on the meta device
+    # e.g. a model built on the meta device
+    meta = dequantize_nf4(packed.to("meta"), state.to("meta"))
     assert meta.is_meta and meta.shape == x.shape
 
 
 def test_a_state_with_a_blocksize_that_is_not_a_power_of_two_is_refused():
     packed, state = quantize_nf4(random((48, 100)))
     bad = NF4State(torch.ones(100), state.shape, state.dtype, blocksize=48)
-    with pytest.raises(ValueError, match="state.blocksize must be a power of two from 2 to 4096, got 48"):
+    with pytest.raises(ValueError,
+                       match="state.blocksize must be a power of two from 2 to 4096, got 48"):
         dequantize_nf4(packed, bad)
 
 
 @pytest.mark.parametrize("shape", [(2, 96), (128, 96)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_bitsandbytes_dequantize_bug_on_rows_that_are_not_whole_blocks(shape, dtype):
-    """bitsandbytes 0.50.2's AVX-512 CPU dequantize_4bit takes the scale of a 2-D input per row (row * (n // blocksize)
-    + column // blocksize) where the format is flat: wrong values when the last dimension is not a multiple
-    of the blocksize. We compare with the definition, and report here when a release fixes it."""
+    """bitsandbytes 0.50.2's AVX-512 CPU dequantize_4bit takes the scale of a 2-D input per row
+    (row * (n // blocksize) + column // blocksize) where the format is flat: wrong values when the
+    last dimension is not a multiple of the blocksize. We compare with the definition, and report
+    here when a release fixes it."""
     x = random(shape, dtype, seed=6)
     packed, state = bnb_quantize(x)
     theirs = bnb_f.dequantize_4bit(packed, state).float()
-    by_definition = dequantize_by_definition(packed, NF4State(state.absmax, x.shape, dtype, 64), dtype).float()
+    by_definition = dequantize_by_definition(packed, NF4State(state.absmax, x.shape, dtype, 64),
+                                             dtype).float()
     ours = dequantize_nf4(*quantize_nf4(x)).float()
     assert torch.equal(ours, by_definition)
     error = (theirs - by_definition).abs().max().item()
-    if torch.backends.cpu.get_cpu_capability() != "AVX512":  # bitsandbytes' C kernel runs on AVX-512 only
+    # bitsandbytes' C kernel runs on AVX-512 only
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
         assert error == 0, "bitsandbytes' PyTorch fallback follows the definition"
-        pytest.skip("this CPU has no AVX-512: bitsandbytes runs its (correct) PyTorch fallback here")
+        pytest.skip("this CPU has no AVX-512: bitsandbytes runs its (correct) PyTorch fallback "
+                    "here")
     if error == 0:
-        pytest.skip(f"bitsandbytes {bitsandbytes.__version__} dequantises {shape} {dtype} correctly now: "
-                    "the bug is fixed, this test and the note in the lesson can go")
+        pytest.skip(f"bitsandbytes {bitsandbytes.__version__} dequantises {shape} {dtype} "
+                    "correctly now: the bug is fixed, this test and the note in the lesson can go")
     assert error > 0.1
 
 
-# ---------------------------------------------------------------------------------------------- errors
+# -------------------------------------------------------------------------------- errors
 
 def test_clear_errors_for_bad_input():
     with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
@@ -260,11 +278,11 @@ def test_clear_errors_for_a_state_that_does_not_match():
         dequantize_nf4(packed, state, dtype=torch.int8)
     _, nested = quantize_nf4(random((10, 64)), double_quant=True)
     with pytest.raises(ValueError, match="nested_absmax"):
-        dequantize_nf4(packed, NF4State(nested.absmax, nested.shape, nested.dtype, 64, nested.offset,
-                                        torch.ones(3)))
+        dequantize_nf4(packed, NF4State(nested.absmax, nested.shape, nested.dtype, 64,
+                                        nested.offset, torch.ones(3)))
 
 
-# ---------------------------------------------------------------------------------------------- Linear4bit
+# -------------------------------------------------------------------------------- Linear4bit
 
 def make_linear(seed=0, bias=True) -> nn.Linear:
     torch.manual_seed(seed)
@@ -283,7 +301,8 @@ def test_linear4bit_forward_and_gradients(double_quant):
     x_ref = x.detach().clone().requires_grad_(True)
     nn.functional.linear(x_ref, weight, linear.bias.detach()).square().sum().backward()
     assert torch.allclose(x.grad, x_ref.grad, atol=1e-5)
-    assert not any(p.requires_grad for p in layer.parameters())  # the weight is frozen (a buffer) and so is b
+    # the weight is frozen (a buffer) and so is b
+    assert not any(p.requires_grad for p in layer.parameters())
     assert layer.weight_packed.dtype == torch.uint8 and layer.weight_packed.grad is None
     assert "blocksize=64" in repr(layer)
 
@@ -296,7 +315,8 @@ def test_linear4bit_compute_dtype_device_move_and_state_dict():
     assert layer(x).dtype == torch.bfloat16
     fp32_layer = Linear4bit.from_linear(linear, compute_dtype=torch.float32)
     assert fp32_layer(x).dtype == torch.bfloat16  # output in the input's dtype, computed in float32
-    restored = Linear4bit.from_linear(make_linear(seed=1, bias=False).to(torch.bfloat16), double_quant=True)
+    restored = Linear4bit.from_linear(make_linear(seed=1, bias=False).to(torch.bfloat16),
+                                      double_quant=True)
     restored.load_state_dict(layer.state_dict())
     assert torch.equal(restored(x), layer(x))
     assert set(layer.state_dict()) == {"weight_packed", "absmax", "absmax_offset", "nested_absmax"}
@@ -310,7 +330,7 @@ def test_linear4bit_memory_is_about_half_a_byte_per_weight():
     assert stored / 1024**2 < 0.5 + 0.127 / 8 + 0.001
 
 
-# ---------------------------------------------------------------------------------------------- GPU
+# -------------------------------------------------------------------------------- GPU
 
 @pytest.mark.gpu
 def test_linear4bit_on_cuda():

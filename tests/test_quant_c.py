@@ -1,5 +1,6 @@
-"""minipeft.quant_c, the C kernel for CPU dequantisation: the same values as the PyTorch path, split over
-threads, chosen by backend="auto" where it applies, and a clean fallback where it cannot be built."""
+"""minipeft.quant_c, the C kernel for CPU dequantisation: the same values as the PyTorch path, split
+over threads, chosen by backend="auto" where it applies, and a clean fallback where it cannot be
+built."""
 from __future__ import annotations
 
 import os
@@ -76,7 +77,8 @@ def test_c_kernel_gives_the_same_values_built_for_each_x86_instruction_set(march
 
 @needs_c_kernel
 def test_c_kernel_splits_large_tensors_over_threads_unevenly():
-    x = random(3 * 2**20 + 37, torch.bfloat16, seed=6)  # three threads' worth, and a partial last block
+    # three threads' worth, and a partial last block
+    x = random(3 * 2**20 + 37, torch.bfloat16, seed=6)
     packed, state = quantize_nf4(x)
     threads = torch.get_num_threads()
     try:
@@ -92,7 +94,8 @@ def test_c_kernel_splits_large_tensors_over_threads_unevenly():
 def test_auto_backend_dequantises_cpu_tensors_with_the_c_kernel_where_it_applies():
     flat = torch.zeros(64, dtype=torch.uint8)
     assert _choose_backend(flat, "auto", 64, dequantize=True) == "c"
-    assert _choose_backend(flat, "auto", 16, dequantize=True) == "torch"  # blocks smaller than 16 bytes
+    # blocks smaller than 16 bytes
+    assert _choose_backend(flat, "auto", 16, dequantize=True) == "torch"
     assert _choose_backend(flat, "auto", 64, dequantize=False) == "torch"
     assert _choose_backend(flat.to("meta"), "auto", 64, dequantize=True) == "torch"
 
@@ -129,8 +132,8 @@ C_BUILD_CHECK = textwrap.dedent("""
 
 
 def run_c_build_check(env: dict[str, str]) -> str:
-    result = subprocess.run([sys.executable, "-c", C_BUILD_CHECK], env=env, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run([sys.executable, "-c", C_BUILD_CHECK], env=env, capture_output=True,
+                            text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
@@ -146,7 +149,8 @@ def test_without_a_c_compiler_dequantisation_warns_and_uses_the_torch_path(tmp_p
 @needs_c_kernel
 def test_c_kernel_builds_with_a_compiler_command_and_no_home_directory(tmp_path):
     env = {key: value for key, value in os.environ.items() if key not in ("HOME", "XDG_CACHE_HOME")}
-    out = run_c_build_check({**env, "CC": f"env {os.environ.get('CC', 'cc')}", "MINIPEFT_CACHE": str(tmp_path)})
+    out = run_c_build_check({**env, "CC": f"env {os.environ.get('CC', 'cc')}",
+                             "MINIPEFT_CACHE": str(tmp_path)})
     assert "warned: []" in out and "built" in out
     assert len(list(tmp_path.glob("nf4_dequantize-*.so"))) == 1
 
@@ -169,6 +173,7 @@ FORK_CHECK = textwrap.dedent("""
 @needs_c_kernel
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
 def test_a_forked_child_can_dequantise_with_threads():
-    result = subprocess.run([sys.executable, "-c", FORK_CHECK], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", FORK_CHECK], capture_output=True, text=True,
+                            timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "child exit status 0" in result.stdout

@@ -1,5 +1,5 @@
-"""minipeft.quant_triton, the Triton kernels: byte for byte the PyTorch path's results, through Triton's
-interpreter on CPU tensors here, and on a GPU (tests marked gpu) where there is one."""
+"""minipeft.quant_triton, the Triton kernels: byte for byte the PyTorch path's results, through
+Triton's interpreter on CPU tensors here, and on a GPU (tests marked gpu) where there is one."""
 from __future__ import annotations
 
 import os
@@ -45,9 +45,10 @@ TRITON_CHECK = textwrap.dedent("""
 
 def test_triton_kernels_in_the_interpreter_match_the_cpu_path_byte_for_byte():
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}  # must be set before triton is imported: a fresh process
-    result = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True,
-                            timeout=300)
+    # must be set before triton is imported: a fresh process
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True,
+                            text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "checked 75" in result.stdout
 
@@ -60,12 +61,13 @@ def test_triton_backend_on_cpu_tensors_without_the_interpreter_is_a_clear_error(
         quantize_nf4(torch.randn(64), backend="triton")
 
 
-# ---------------------------------------------------------------------------------------------- on a GPU
+# -------------------------------------------------------------------------------- on a GPU
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_kernels_match_the_cpu_path(dtype):
-    for shape, blocksize in [((4096, 4096), 64), ((1000, 37), 64), ((3, 5, 129), 128), ((14336, 512), 256)]:
+    for shape, blocksize in [((4096, 4096), 64), ((1000, 37), 64), ((3, 5, 129), 128),
+                             ((14336, 512), 256)]:
         for double_quant in (False, True):
             x = random(shape, dtype, seed=7)
             x.view(-1)[:3 * blocksize] = 0  # all-zero blocks

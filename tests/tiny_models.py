@@ -8,8 +8,9 @@ from transformers import (BertConfig, BertForSequenceClassification, LlamaConfig
 
 def tiny_bert(seed: int = 0, hidden: int = 32) -> nn.Module:
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=100, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=2 * hidden, max_position_embeddings=64, num_labels=2,
+    config = BertConfig(vocab_size=100, hidden_size=hidden, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=2 * hidden,
+                        max_position_embeddings=64, num_labels=2,
                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     return BertForSequenceClassification(config).eval()
 

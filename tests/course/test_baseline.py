@@ -25,7 +25,8 @@ def test_trained_once_then_read_back_the_same(monkeypatch, tmp_path):
     for (name, a), b in zip(trained.model.state_dict().items(), cached.model.state_dict().values()):
         assert torch.equal(a, b), name
     pretrained, _ = course.load_model("bert", num_labels=2)
-    assert not torch.equal(pretrained.bert.pooler.dense.weight, cached.model.bert.pooler.dense.weight)
+    assert not torch.equal(pretrained.bert.pooler.dense.weight,
+                           cached.model.bert.pooler.dense.weight)
 
 
 def test_another_seed_is_another_run(monkeypatch, tmp_path):

@@ -91,7 +91,8 @@ def test_setup_silences_known_library_warnings_only(capsys):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         course.setup(lesson=1)
-        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed", FutureWarning)
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed",
+                      FutureWarning)
         warnings.warn("something else is deprecated", FutureWarning)
     assert [str(w.message) for w in caught] == ["something else is deprecated"]
 

@@ -16,11 +16,15 @@ def words(text: str) -> set[str]:
 
 
 def test_bag_of_words_learns_what_words_can_tell():
-    """The baseline is a real classifier: on plain sentences, words are enough and it learns them."""
+    """The baseline is a real classifier: on plain sentences, words are enough and it learns
+    them."""
     plain = make_sentiment(n_train=400, n_validation=100, n_test=100)
-    only_simple = lambda split: split.filter(lambda row: " not " not in row["text"] and "," not in row["text"]
-                                             and "never" not in row["text"] and ";" not in row["text"])
-    assert bag_of_words_accuracy(only_simple(plain["train"]), only_simple(plain["validation"])) > 0.9
+    only_simple = lambda split: split.filter(lambda row: " not " not in row["text"]
+                                             and "," not in row["text"]
+                                             and "never" not in row["text"]
+                                             and ";" not in row["text"])
+    assert bag_of_words_accuracy(only_simple(plain["train"]),
+                                 only_simple(plain["validation"])) > 0.9
 
 
 def test_deterministic_and_sized(sentiment):
@@ -44,7 +48,8 @@ def test_test_words_are_held_out(sentiment):
     for text in list(sentiment["train"]["text"]) + list(sentiment["validation"]["text"]):
         assert not words(text) & SENTIMENT_WORDS["test"], text
     for text in sentiment["test"]["text"]:
-        assert words(text) & SENTIMENT_WORDS["test"] and not words(text) & SENTIMENT_WORDS["train"], text
+        assert (words(text) & SENTIMENT_WORDS["test"]
+                and not words(text) & SENTIMENT_WORDS["train"]), text
 
 
 def test_labels_follow_negation_and_contrast(sentiment):

@@ -1,4 +1,5 @@
-"""exercises/ is generated from solutions/ (minipeft.course.exercises), and both grade as they should.
+"""exercises/ is generated from solutions/ (minipeft.course.exercises), and both grade as they
+should.
 
 Every solution notebook grades at full marks; every generated exercise, as shipped, grades at zero
 with every part "not attempted" (so the checks can fail). nbval runs the solutions themselves.
@@ -30,7 +31,8 @@ def test_every_registered_exercise_has_its_notebooks_and_every_notebook_its_exer
         source = "\n".join(c.source for c in nbformat.read(SOLUTIONS / f"{name}.ipynb", 4).cells
                            if c.cell_type == "code")
         checked = re.findall(r'check\("(\w+)", (\w+)\)', source)
-        assert [a for a, b in checked] == [b for a, b in checked] == [e.name for e in exercises_of(name)]
+        assert ([a for a, b in checked] == [b for a, b in checked]
+                == [e.name for e in exercises_of(name)])
         assert re.findall(r'quiz\("(\w+)"', source) == [q.name for q in questions_of(name)]
 
 
@@ -38,7 +40,8 @@ def test_every_registered_exercise_has_its_notebooks_and_every_notebook_its_exer
 def test_exercise_opens_with_what_it_practises_and_how_it_is_graded(name):
     nb = nbformat.read(EXERCISES_DIR / f"{name}.ipynb", 4)
     intro = nb.cells[0].source
-    assert intro.startswith("# Exercise") and "What you practise" in intro and "How it is graded" in intro
+    assert (intro.startswith("# Exercise") and "What you practise" in intro
+            and "How it is graded" in intro)
     assert f"blob/main/exercises/{name}.ipynb" in intro  # the Colab badge opens the exercise
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")
     assert "BEGIN SOLUTION" not in nbformat.writes(nb)
@@ -48,7 +51,8 @@ def unchecked_outputs(name: str) -> list[str]:
     """The check and quiz cells of a solution whose output nbval does not compare."""
     nb = nbformat.read(SOLUTIONS / f"{name}.ipynb", 4)
     return [c.source for c in nb.cells if c.cell_type == "code"
-            and re.search(r"^(check|quiz)\(", c.source, re.M) and "NBVAL_CHECK_OUTPUT" not in c.source]
+            and re.search(r"^(check|quiz)\(", c.source, re.M)
+            and "NBVAL_CHECK_OUTPUT" not in c.source]
 
 
 @pytest.mark.parametrize("name", notebooks())
@@ -58,7 +62,8 @@ def test_solution_grades_full_and_exercise_grades_zero_not_attempted(name):
 
     shipped = grader.grade_notebook(EXERCISES_DIR / f"{name}.ipynb", seed=2024)
     assert shipped.assignment == name and shipped.score == 0
-    assert not shipped.notebook_problems   # every cell runs as shipped (make test runs no nbval here)
+    # every cell runs as shipped (make test runs no nbval here)
+    assert not shipped.notebook_problems
     parts = len(exercises_of(name)) + len(questions_of(name))
     assert [e.status for e in shipped.exercises] == [grader.NOT_ATTEMPTED] * parts
     assert shipped.max_score >= 3 * len(exercises_of(name)) + 3
@@ -84,8 +89,10 @@ print(f(1))'''
 
 def test_a_quiz_answer_becomes_an_ellipsis():
     stripped, regions = exercises.strip_solution(
-        'quiz("doubling_r", "b")\nquiz(\'query_lora_params\', 12_288)  # 2 r n\nprint("quiz(")', "cell")
-    assert stripped == 'quiz("doubling_r", ...)\nquiz(\'query_lora_params\', ...)  # 2 r n\nprint("quiz(")'
+        'quiz("doubling_r", "b")\nquiz(\'query_lora_params\', 12_288)  # 2 r n\n'
+        'print("quiz(")', "cell")
+    assert stripped == ('quiz("doubling_r", ...)\nquiz(\'query_lora_params\', ...)  # 2 r n\n'
+                        'print("quiz(")')
     assert regions == 2
 
 
@@ -113,8 +120,8 @@ def test_unbalanced_markers_are_refused_with_the_fix(source, problem):
 def make_solutions(folder: Path, name: str = "01_demo", code: str = SOLVED) -> Path:
     folder.mkdir(exist_ok=True)
     nb = new_notebook(cells=[
-        new_markdown_cell("[badge](https://colab.research.google.com/github/minipeft/minipeft/blob/main/"
-                          f"solutions/{name}.ipynb)", id="intro"),
+        new_markdown_cell("[badge](https://colab.research.google.com/github/minipeft/minipeft/"
+                          f"blob/main/solutions/{name}.ipynb)", id="intro"),
         new_code_cell(code, id="code", execution_count=3,
                       outputs=[nbformat.v4.new_output("stream", text="2\n")])])
     nbformat.write(nb, folder / f"{name}.ipynb")
@@ -174,4 +181,5 @@ def test_exercise_set_up_cells_import_nothing_the_learner_writes(name):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("minipeft"):
                 assert {a.name for a in node.names} <= allowed, (name, ast.unparse(node))
             if isinstance(node, ast.Import):
-                assert not any(a.name.startswith("minipeft.") for a in node.names), (name, ast.unparse(node))
+                assert not any(a.name.startswith("minipeft.") for a in node.names), (
+                    name, ast.unparse(node))

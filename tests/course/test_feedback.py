@@ -1,8 +1,9 @@
 """minipeft.course.feedback: instant feedback, and the hints for usual mistakes.
 
 Every check must be able to fail: each usual mistake is written here as a learner would write it
-(independently of the wrong solutions in minipeft.course.checks) and must earn its own hint. The grading
-command is run on a notebook that loops, prints, raises, tampers with minipeft and kills its kernel.
+(independently of the wrong solutions in minipeft.course.checks) and must earn its own hint. The
+grading command is run on a notebook that loops, prints, raises, tampers with minipeft and kills its
+kernel.
 """
 from __future__ import annotations
 
@@ -18,11 +19,12 @@ from torch import nn
 
 from minipeft.course import feedback, training
 from minipeft.course.checks import EXERCISES, QUESTIONS
-from minipeft.course.feedback import (ERROR, FAIL, NOT_ATTEMPTED, PASS, Answer, check, evaluate, quiz)
+from minipeft.course.feedback import (ERROR, FAIL, NOT_ATTEMPTED, PASS, Answer, check, evaluate,
+                                      quiz)
 from minipeft.lora import LoraLinear
 from minipeft.quant import DYNAMIC_CODE, NF4_CODE
 
-# ---------------------------------------------------------------- learner-style answers, right and wrong
+# ----------------------------------------------------------- learner-style answers, right and wrong
 
 
 def lora_forward(x, W0, b, A, B, alpha, r):
@@ -98,8 +100,8 @@ def train_step_eval_mode(model, batch, optimizer):
     return loss.item()
 
 
-def quantize(x, blocksize, *, nibbles="high first", absmax_of="block", rounding="nearest", guard=True,
-             tail=True, absmax_dtype=torch.float32, divide=True):
+def quantize(x, blocksize, *, nibbles="high first", absmax_of="block", rounding="nearest",
+             guard=True, tail=True, absmax_dtype=torch.float32, divide=True):
     """A learner's blockwise NF4 quantiser, with switches for the usual mistakes."""
     flat = x.float().flatten()
     if not tail:
@@ -117,13 +119,15 @@ def quantize(x, blocksize, *, nibbles="high first", absmax_of="block", rounding=
     return (first << 4) | second, absmax.to(absmax_dtype)
 
 
-def dequantize(packed, absmax, n, blocksize, *, nibbles="high first", scale="repeat_interleave", keep=None):
+def dequantize(packed, absmax, n, blocksize, *, nibbles="high first", scale="repeat_interleave",
+               keep=None):
     pairs = [packed >> 4, packed & 15] if nibbles == "high first" else [packed & 15, packed >> 4]
     q = torch.stack(pairs, dim=1).flatten().long()
     keep = n if keep is None else keep(n, blocksize, q.numel())
     if scale == "none":
         return NF4_CODE[q[:keep]]
-    per_value = absmax.repeat_interleave(blocksize) if scale == "repeat_interleave" else absmax.repeat(blocksize)
+    per_value = (absmax.repeat_interleave(blocksize) if scale == "repeat_interleave"
+                 else absmax.repeat(blocksize))
     return NF4_CODE[q[:keep]] * per_value[:keep]
 
 
@@ -137,18 +141,21 @@ class LoRALinear(nn.Module):
         if freeze:
             base.weight.requires_grad = False
             base.bias.requires_grad = False
-        A = torch.zeros(r, base.in_features) if A_init == "zeros" else 0.01 * torch.randn(r, base.in_features)
-        B = torch.randn(base.out_features, r) if B_init == "random" else torch.zeros(base.out_features, r)
+        A = (torch.zeros(r, base.in_features) if A_init == "zeros"
+             else 0.01 * torch.randn(r, base.in_features))
+        B = (torch.randn(base.out_features, r) if B_init == "random"
+             else torch.zeros(base.out_features, r))
         setattr(self, name_A, nn.Parameter(A))
         self.B = nn.Parameter(B)
-        self.s = {"alpha / r": alpha / r, "none": 1, "alpha": alpha, "r / alpha": r / alpha}[scaling]
+        self.s = {"alpha / r": alpha / r, "none": 1, "alpha": alpha,
+                  "r / alpha": r / alpha}[scaling]
 
     def forward(self, x):
         return self.base(x) + self.s * (x @ self.A.T) @ self.B.T
 
 
-def inject_lora(model, r, alpha, *, names=("query", "value"), layer=LoRALinear, freeze="first", head=True,
-                whole_name=False, set_on_model=False):
+def inject_lora(model, r, alpha, *, names=("query", "value"), layer=LoRALinear, freeze="first",
+                head=True, whole_name=False, set_on_model=False):
     """A learner's injection, with switches for the usual mistakes."""
     if freeze == "first":
         for p in model.parameters():
@@ -185,8 +192,8 @@ def double_quantize(absmax, *, centre="mean", blocksize=256, divide=True, table=
     return codes, absmax2, offset
 
 
-def double_dequantize(codes, absmax2, offset, *, add_offset=True, spread="repeat_interleave", lookup=True,
-                      scale=True):
+def double_dequantize(codes, absmax2, offset, *, add_offset=True, spread="repeat_interleave",
+                      lookup=True, scale=True):
     values = DYNAMIC_CODE[codes.long()] if lookup else codes.float()
     per_code = getattr(absmax2, spread)(256)[:len(codes)]
     return (values * per_code if scale else values) + (offset if add_offset else 0)
@@ -353,23 +360,34 @@ WRONG = [
     ("train_step", train_step_zero_grad_too_early, "optimizer.step()"),
     ("train_step", train_step_eval_mode, "model.train()"),
     ("training_bytes", lambda n, t, w=4: 16 * n, "16 bytes per parameter holds"),
-    ("training_bytes", lambda n, t, w=4: n * w + n * w + n * 8, "no gradient and no optimizer state"),
-    ("training_bytes", lambda n, t, w=4: n * w + n * w + t * 8, "count gradients for the n_trainable"),
-    ("training_bytes", lambda n, t, w=4: n * w + t * w + n * 8, "Adam's m and v exist for trainable"),
+    ("training_bytes", lambda n, t, w=4: n * w + n * w + n * 8,
+     "no gradient and no optimizer state"),
+    ("training_bytes", lambda n, t, w=4: n * w + n * w + t * 8,
+     "count gradients for the n_trainable"),
+    ("training_bytes", lambda n, t, w=4: n * w + t * w + n * 8,
+     "Adam's m and v exist for trainable"),
     ("training_bytes", lambda n, t, w=4: n * w + t * 8, "gradients are missing"),
     ("training_bytes", lambda n, t, w=4: n * w + t * w + t * 4, "you counted one"),
     ("training_bytes", lambda n, t, w=4: n * w + t * w + 2 * t * w, "kept in fp32"),
     ("training_bytes", lambda n, t, w=4: n * w + 12 * t, "dtype of its weight"),
-    ("lora_forward", lambda x, W0, b, A, B, alpha, r: x @ W0.T + b + x @ A.T @ B.T, "alpha / r seems to be missing"),
-    ("lora_forward", lambda x, W0, b, A, B, alpha, r: x @ W0.T + b + alpha * (x @ A.T @ B.T), "You scaled by alpha"),
-    ("lora_forward", lambda x, W0, b, A, B, alpha, r: x @ W0.T + b + r / alpha * (x @ A.T @ B.T), "not r / alpha"),
-    ("lora_forward", lambda x, W0, b, A, B, alpha, r: x @ W0.T + alpha / r * (x @ A.T @ B.T), "bias"),
-    ("lora_forward", lambda x, W0, b, A, B, alpha, r: alpha / r * (x @ A.T @ B.T), "LoRA branch only"),
+    ("lora_forward", lambda x, W0, b, A, B, alpha, r: x @ W0.T + b + x @ A.T @ B.T,
+     "alpha / r seems to be missing"),
+    ("lora_forward", lambda x, W0, b, A, B, alpha, r: x @ W0.T + b + alpha * (x @ A.T @ B.T),
+     "You scaled by alpha"),
+    ("lora_forward", lambda x, W0, b, A, B, alpha, r: x @ W0.T + b + r / alpha * (x @ A.T @ B.T),
+     "not r / alpha"),
+    ("lora_forward", lambda x, W0, b, A, B, alpha, r: x @ W0.T + alpha / r * (x @ A.T @ B.T),
+     "bias"),
+    ("lora_forward", lambda x, W0, b, A, B, alpha, r: alpha / r * (x @ A.T @ B.T),
+     "LoRA branch only"),
     ("lora_forward", lambda x, W0, b, A, B, alpha, r: x @ W0.T + b, "frozen layer's output only"),
-    ("lora_forward", lambda x, W0, b, A, B, alpha, r: x @ W0.T + b + alpha / r * (x @ B @ A), "wrong way round"),
-    ("lora_forward", lambda x, W0, b, A, B, alpha, r: x @ W0.T + b + alpha / r * (x @ A @ B), "orientation"),
-    ("lora_forward", lambda x, W0, b, A, B, alpha, r: lora_forward(x.float(), W0.float(), b.float(), A.float(),
-                                                                   B.float(), alpha, r), "dtype"),
+    ("lora_forward", lambda x, W0, b, A, B, alpha, r: x @ W0.T + b + alpha / r * (x @ B @ A),
+     "wrong way round"),
+    ("lora_forward", lambda x, W0, b, A, B, alpha, r: x @ W0.T + b + alpha / r * (x @ A @ B),
+     "orientation"),
+    ("lora_forward", lambda x, W0, b, A, B, alpha, r: lora_forward(x.float(), W0.float(), b.float(),
+                                                                   A.float(), B.float(), alpha, r),
+     "dtype"),
     ("lora_forward", lambda x, W0, b, A, B, alpha, r: None, "return"),
     ("merge", merge_in_place, "changed in place"),
     ("merge", lambda W0, A, B, alpha, r: W0 + B @ A, "alpha / r seems to be missing"),
@@ -382,48 +400,72 @@ WRONG = [
     ("lora_param_count", lambda i, o, r: r * i * o, "added, not multiplied"),
     ("lora_param_count", lambda i, o, r: r * i, "A (r x in) only"),
     ("lora_param_count", lambda i, o, r: o * r, "B (out x r) only"),
-    ("quantize_nf4_blockwise", lambda x, bs: quantize(x, bs, nibbles="low first"), "nibbles are the wrong way"),
-    ("quantize_nf4_blockwise", lambda x, bs: quantize(x, bs, absmax_of="tensor"), "absmax is per block"),
-    ("quantize_nf4_blockwise", lambda x, bs: quantize(x, bs, tail=False), "last block may be partial"),
+    ("quantize_nf4_blockwise", lambda x, bs: quantize(x, bs, nibbles="low first"),
+     "nibbles are the wrong way"),
+    ("quantize_nf4_blockwise", lambda x, bs: quantize(x, bs, absmax_of="tensor"),
+     "absmax is per block"),
+    ("quantize_nf4_blockwise", lambda x, bs: quantize(x, bs, tail=False),
+     "last block may be partial"),
     ("quantize_nf4_blockwise", lambda x, bs: quantize(x, bs, rounding="down"), "nearest code"),
     ("quantize_nf4_blockwise", lambda x, bs: quantize(x, bs, guard=False), "absmax 0"),
-    ("quantize_nf4_blockwise", lambda x, bs: quantize(x, bs, absmax_dtype=x.dtype), "stored in float32"),
-    ("quantize_nf4_blockwise", lambda x, bs: quantize(x, bs, divide=False), "Divide each value by its block's"),
-    ("quantize_nf4_blockwise", lambda x, bs: (quantize(x.flatten().view(-1, bs), bs)), "pad the last block"),
+    ("quantize_nf4_blockwise", lambda x, bs: quantize(x, bs, absmax_dtype=x.dtype),
+     "stored in float32"),
+    ("quantize_nf4_blockwise", lambda x, bs: quantize(x, bs, divide=False),
+     "Divide each value by its block's"),
+    ("quantize_nf4_blockwise", lambda x, bs: (quantize(x.flatten().view(-1, bs), bs)),
+     "pad the last block"),
     ("dequantize_nf4_blockwise", lambda p, a, n, bs: dequantize(p, a, n, bs, nibbles="low first"),
      "nibbles are the wrong way"),
-    ("dequantize_nf4_blockwise", lambda p, a, n, bs: dequantize(p, a, n, bs, scale="none"), "multiplied by its block"),
-    ("dequantize_nf4_blockwise", lambda p, a, n, bs: dequantize(p, a, n, bs, scale="repeat"), "repeat_interleave"),
-    ("dequantize_nf4_blockwise", lambda p, a, n, bs: dequantize(p, a, n, bs, keep=lambda n, bs, m: m),
+    ("dequantize_nf4_blockwise", lambda p, a, n, bs: dequantize(p, a, n, bs, scale="none"),
+     "multiplied by its block"),
+    ("dequantize_nf4_blockwise", lambda p, a, n, bs: dequantize(p, a, n, bs, scale="repeat"),
+     "repeat_interleave"),
+    ("dequantize_nf4_blockwise", lambda p, a, n, bs: dequantize(p, a, n, bs,
+                                                                keep=lambda n, bs, m: m),
      "exactly n values"),
-    ("dequantize_nf4_blockwise", lambda p, a, n, bs: dequantize(p, a, n, bs, keep=lambda n, bs, m: n // bs * bs),
+    ("dequantize_nf4_blockwise", lambda p, a, n, bs: dequantize(p, a, n, bs,
+                                                                keep=lambda n, bs, m: n // bs * bs),
      "dequantise it too"),
-    ("LoRALinear", lambda base, r, alpha: LoRALinear(base, r, alpha, B_init="random"), "B starts random"),
-    ("LoRALinear", lambda base, r, alpha: LoRALinear(base, r, alpha, A_init="zeros"), "neither ever moves"),
-    ("LoRALinear", lambda base, r, alpha: LoRALinear(base, r, alpha, scaling="none"), "scaling seems to be"),
-    ("LoRALinear", lambda base, r, alpha: LoRALinear(base, r, alpha, scaling="alpha"), "You scaled by alpha"),
-    ("LoRALinear", lambda base, r, alpha: LoRALinear(base, r, alpha, scaling="r / alpha"), "not r / alpha"),
+    ("LoRALinear", lambda base, r, alpha: LoRALinear(base, r, alpha, B_init="random"),
+     "B starts random"),
+    ("LoRALinear", lambda base, r, alpha: LoRALinear(base, r, alpha, A_init="zeros"),
+     "neither ever moves"),
+    ("LoRALinear", lambda base, r, alpha: LoRALinear(base, r, alpha, scaling="none"),
+     "scaling seems to be"),
+    ("LoRALinear", lambda base, r, alpha: LoRALinear(base, r, alpha, scaling="alpha"),
+     "You scaled by alpha"),
+    ("LoRALinear", lambda base, r, alpha: LoRALinear(base, r, alpha, scaling="r / alpha"),
+     "not r / alpha"),
     ("LoRALinear", lambda base, r, alpha: LoRALinear(base, r, alpha, freeze=False), "still trains"),
-    ("LoRALinear", lambda base, r, alpha: LoRALinear(base, r, alpha, name_A="lora_A"), "two attributes"),
+    ("LoRALinear", lambda base, r, alpha: LoRALinear(base, r, alpha, name_A="lora_A"),
+     "two attributes"),
     ("inject_lora", lambda m, r, a: inject_lora(m, r, a, whole_name=True), "dotted names"),
-    ("inject_lora", lambda m, r, a: inject_lora(m, r, a, names=("query",)), "value projections too"),
-    ("inject_lora", lambda m, r, a: inject_lora(m, r, a, names=("query", "key")), "key projections"),
-    ("inject_lora", lambda m, r, a: inject_lora(m, r, a, freeze="never"), "base model still trains"),
+    ("inject_lora", lambda m, r, a: inject_lora(m, r, a, names=("query",)),
+     "value projections too"),
+    ("inject_lora", lambda m, r, a: inject_lora(m, r, a, names=("query", "key")),
+     "key projections"),
+    ("inject_lora", lambda m, r, a: inject_lora(m, r, a, freeze="never"),
+     "base model still trains"),
     ("inject_lora", lambda m, r, a: inject_lora(m, r, a, freeze="last"), "Nothing of LoRA trains"),
     ("inject_lora", lambda m, r, a: inject_lora(m, r, a, head=False), "classifier head is new"),
     ("inject_lora", lambda m, r, a: inject_lora(
-        m, r, a, layer=lambda b, r, a: LoRALinear(b, r, a, B_init="random")), "fix LoRALinear first"),
-    ("inject_lora", lambda m, r, a: inject_lora(m, r, a, set_on_model=True), "set the new layer on its parent"),
+        m, r, a, layer=lambda b, r, a: LoRALinear(b, r, a, B_init="random")),
+     "fix LoRALinear first"),
+    ("inject_lora", lambda m, r, a: inject_lora(m, r, a, set_on_model=True),
+     "set the new layer on its parent"),
     ("train_lora", train_lora_without_training, "loss went down"),
     ("bottleneck", lambda *a: bottleneck(*a, f=lambda x: x), "non-linearity is missing"),
     ("bottleneck", lambda *a: bottleneck(*a, add_z=True), "Do not add z"),
     ("bottleneck", lambda *a: bottleneck(*a, biases=False), "biases are part of A"),
     ("bottleneck", lambda *a: bottleneck(*a, bias_down="outside"), "goes inside the non-linearity"),
-    ("bottleneck", lambda z, Wd, bd, Wu, bu: torch.relu(z @ Wd + bd) @ Wu + bu, "as nn.Linear stores"),
-    ("adapter_output", lambda *a: adapter_output(*a, residual=False), "residual input r is missing"),
+    ("bottleneck", lambda z, Wd, bd, Wu, bu: torch.relu(z @ Wd + bd) @ Wu + bu,
+     "as nn.Linear stores"),
+    ("adapter_output", lambda *a: adapter_output(*a, residual=False),
+     "residual input r is missing"),
     ("adapter_output", lambda *a: adapter_output(*a, skip=False), "own output h is missing"),
     ("adapter_output", lambda *a: adapter_output(*a, norm=False), "ends with its LayerNorm"),
-    ("adapter_output", lambda h, r, kind, *a: adapter_output(h, r, kind, *a, reads="h"), "reads LN(h + r)"),
+    ("adapter_output", lambda h, r, kind, *a: adapter_output(h, r, kind, *a, reads="h"),
+     "reads LN(h + r)"),
     ("adapter_output", lambda h, r, kind, *a: adapter_output(h, r, kind, *a, reads="LN(h + r)"),
      "Houlsby's reads h"),
     ("adapter_output", lambda *a: adapter_output(*a, reads="h + r"), "not h + r"),
@@ -431,41 +473,57 @@ WRONG = [
     ("adapter_param_count", lambda *a: adapter_param_count(*a, biases=1), "Both biases train"),
     ("adapter_param_count", lambda *a: adapter_param_count(*a, per_block=1), "Houlsby puts two"),
     ("adapter_param_count", lambda *a: adapter_param_count(*a, per_block=2), "Pfeiffer puts one"),
-    ("adapter_param_count", lambda *a: adapter_param_count(*a, m=lambda d, f: d * f), "not hidden_size *"),
-    ("adapter_param_count", lambda *a: adapter_param_count(*a, m=lambda d, f: round(d / f)), "rounded down"),
+    ("adapter_param_count", lambda *a: adapter_param_count(*a, m=lambda d, f: d * f),
+     "not hidden_size *"),
+    ("adapter_param_count", lambda *a: adapter_param_count(*a, m=lambda d, f: round(d / f)),
+     "rounded down"),
     ("double_quantize", lambda a: double_quantize(a, centre="none"), "Subtract the mean"),
-    ("double_quantize", lambda a: double_quantize(a, centre="per block"), "One offset for the whole"),
+    ("double_quantize", lambda a: double_quantize(a, centre="per block"),
+     "One offset for the whole"),
     ("double_quantize", lambda a: double_quantize(a, blocksize=len(a)), "blocks of 256"),
     ("double_quantize", lambda a: double_quantize(a, divide=False), "Divide each centred value"),
     ("double_quantize", lambda a: double_quantize(a, table="linear"), "dynamic map"),
-    ("double_dequantize", lambda c, a2, o: double_dequantize(c, a2, o, add_offset=False), "Add the offset back"),
-    ("double_dequantize", lambda c, a2, o: double_dequantize(c, a2, o, spread="repeat"), "repeat_interleave(256)"),
-    ("double_dequantize", lambda c, a2, o: double_dequantize(c, a2, o, lookup=False), "Look each code up"),
-    ("double_dequantize", lambda c, a2, o: double_dequantize(c, a2, o, scale=False), "Multiply by the block's"),
+    ("double_dequantize", lambda c, a2, o: double_dequantize(c, a2, o, add_offset=False),
+     "Add the offset back"),
+    ("double_dequantize", lambda c, a2, o: double_dequantize(c, a2, o, spread="repeat"),
+     "repeat_interleave(256)"),
+    ("double_dequantize", lambda c, a2, o: double_dequantize(c, a2, o, lookup=False),
+     "Look each code up"),
+    ("double_dequantize", lambda c, a2, o: double_dequantize(c, a2, o, scale=False),
+     "Multiply by the block's"),
     ("prompt_inputs", lambda *a: prompt_inputs(*a, first=False), "in front of the input"),
     ("prompt_inputs", lambda *a: prompt_inputs(*a, grow_mask=False), "The mask must grow"),
     ("prompt_inputs", lambda *a: prompt_inputs(*a, mask_fill=0), "new mask columns are ones"),
     ("prompt_inputs", lambda *a: prompt_inputs(*a, grow_labels=False), "labels must grow too"),
     ("prompt_inputs", lambda *a: prompt_inputs(*a, label_fill=0), "value the loss skips"),
     ("prompt_inputs", lambda *a: prompt_inputs(*a, expand=False), "expand P to (batch, n, d)"),
-    ("attention_with_prefix", lambda *a: attention_with_prefix(*a, hide_prefix=True), "visible to every query"),
+    ("attention_with_prefix", lambda *a: attention_with_prefix(*a, hide_prefix=True),
+     "visible to every query"),
     ("attention_with_prefix", lambda *a: attention_with_prefix(*a, scale=False), "sqrt(d_head)"),
-    ("attention_with_prefix", lambda *a: attention_with_prefix(*a, prefix_values=False), "values need their prefix"),
+    ("attention_with_prefix", lambda *a: attention_with_prefix(*a, prefix_values=False),
+     "values need their prefix"),
     ("attention_with_prefix", lambda *a: attention_with_prefix(*a, tile=True), "repeat_interleave"),
     ("prefix_param_count", lambda *a: prefix_param_count(*a, both=1), "Keys and values"),
     ("prefix_param_count", lambda *a: prefix_param_count(*a, use_heads=True), "key/value heads"),
-    ("prefix_param_count", lambda *a: prefix_param_count(*a, per_layer=False), "multiply by the layers"),
+    ("prefix_param_count", lambda *a: prefix_param_count(*a, per_layer=False),
+     "multiply by the layers"),
     ("nf4_storage_bytes", lambda *a: nf4_storage_bytes(*a, constants=False), "constants count too"),
     ("nf4_storage_bytes", lambda *a: nf4_storage_bytes(*a, pack=False), "share a byte"),
     ("nf4_storage_bytes", lambda *a: nf4_storage_bytes(*a, odd=False), "half-used byte"),
-    ("nf4_storage_bytes", lambda *a: nf4_storage_bytes(*a, round_up=False), "round the block count up"),
+    ("nf4_storage_bytes", lambda *a: nf4_storage_bytes(*a, round_up=False),
+     "round the block count up"),
     ("nf4_storage_bytes", lambda *a: nf4_storage_bytes(*a, dq_byte=False), "1-byte code, not 4"),
     ("nf4_storage_bytes", lambda *a: nf4_storage_bytes(*a, second_level=False), "second level"),
-    ("lora_trainable_params", lambda *a: lora_trainable_params(*a, a_only=True), "A and B both train"),
-    ("lora_trainable_params", lambda *a: lora_trainable_params(*a, b_only=True), "B is out x r and A"),
-    ("lora_trainable_params", lambda *a: lora_trainable_params(*a, full=True), "not the layer's in x out"),
-    ("lora_trainable_params", lambda *a: lora_trainable_params(*a, blocks=False), "multiply by the number of blocks"),
-    ("lora_trainable_params", lambda *a: lora_trainable_params(*a, every=True), "Only the targeted layers"),
+    ("lora_trainable_params", lambda *a: lora_trainable_params(*a, a_only=True),
+     "A and B both train"),
+    ("lora_trainable_params", lambda *a: lora_trainable_params(*a, b_only=True),
+     "B is out x r and A"),
+    ("lora_trainable_params", lambda *a: lora_trainable_params(*a, full=True),
+     "not the layer's in x out"),
+    ("lora_trainable_params", lambda *a: lora_trainable_params(*a, blocks=False),
+     "multiply by the number of blocks"),
+    ("lora_trainable_params", lambda *a: lora_trainable_params(*a, every=True),
+     "Only the targeted layers"),
     ("lora_trainable_params", lambda *a: lora_trainable_params(*a, square=True), "narrower than q"),
     ("fsdp_shard", lambda *a: fsdp_shard(*a, round_up=False), "rounded up"),
     ("fsdp_shard", lambda *a: fsdp_shard(*a, pad=None), "pad a short"),
@@ -474,12 +532,18 @@ WRONG = [
     ("ddp_bytes_per_step", lambda ps: ddp_bytes_per_step(ps, frozen_too=True), "Frozen parameters"),
     ("ddp_bytes_per_step", lambda ps: ddp_bytes_per_step(ps, width=1), "Count bytes, not numbers"),
     ("ddp_bytes_per_step", lambda ps: ddp_bytes_per_step(ps, width=4), "parameter's dtype"),
-    ("expected_calibration_error", lambda *a: expected_calibration_error(*a, weigh="bins"), "share of the predictions"),
-    ("expected_calibration_error", lambda *a: expected_calibration_error(*a, weigh="all bins"), "counts empty bins"),
-    ("expected_calibration_error", lambda *a: expected_calibration_error(*a, absolute=False), "must not cancel"),
-    ("expected_calibration_error", lambda *a: expected_calibration_error(*a, per_bin=False), "once over all"),
-    ("expected_calibration_error", lambda *a: expected_calibration_error(*a, one_in_last=False), "exactly 1"),
-    ("expected_calibration_error", lambda *a: expected_calibration_error(*a, right_closed=True), "bin above it"),
+    ("expected_calibration_error", lambda *a: expected_calibration_error(*a, weigh="bins"),
+     "share of the predictions"),
+    ("expected_calibration_error", lambda *a: expected_calibration_error(*a, weigh="all bins"),
+     "counts empty bins"),
+    ("expected_calibration_error", lambda *a: expected_calibration_error(*a, absolute=False),
+     "must not cancel"),
+    ("expected_calibration_error", lambda *a: expected_calibration_error(*a, per_bin=False),
+     "once over all"),
+    ("expected_calibration_error", lambda *a: expected_calibration_error(*a, one_in_last=False),
+     "exactly 1"),
+    ("expected_calibration_error", lambda *a: expected_calibration_error(*a, right_closed=True),
+     "bin above it"),
 ]
 
 
@@ -510,11 +574,13 @@ def test_a_usual_mistake_fails_with_its_hint(index):
 
 
 def test_every_usual_mistake_is_reached_by_a_wrong_answer():
-    """Each mistake's hint in minipeft.course.checks is earned by at least one learner-style answer above."""
+    """Each mistake's hint in minipeft.course.checks is earned by at least one learner-style answer
+    above."""
     earned = {c.hint for index in range(len(WRONG)) for c in evaluated(index).cases}
     for exercise in EXERCISES.values():
         for mistake in exercise.mistakes:
-            assert mistake.hint in earned, f"{exercise.name}: no wrong answer earns {mistake.hint!r}"
+            assert mistake.hint in earned, (f"{exercise.name}: no wrong answer earns "
+                                            f"{mistake.hint!r}")
 
 
 def test_wrong_answers_cover_every_exercise():
@@ -559,7 +625,8 @@ def test_an_exception_is_one_line_per_case(capsys):
 def test_report_shows_expected_got_and_hint(capsys):
     check("lora_forward", lambda x, W0, b, A, B, alpha, r: x @ W0.T + b + x @ A.T @ B.T)
     printed = capsys.readouterr().out
-    assert "cases pass" in printed and "expected" in printed and ", got " in printed and "hint:" in printed
+    assert ("cases pass" in printed and "expected" in printed and ", got " in printed
+            and "hint:" in printed)
     assert "✓ fresh adapter (B = 0)" in printed  # B = 0: the scaling does not matter there
 
 
@@ -587,7 +654,8 @@ def test_a_learner_changing_the_inputs_does_not_change_the_reference():
             t.zero_()
         return out
 
-    assert evaluate("lora_forward", vandal).passed == len(evaluate("lora_forward", lora_forward).cases)
+    assert (evaluate("lora_forward", vandal).passed
+            == len(evaluate("lora_forward", lora_forward).cases))
 
 
 def test_difference_tolerates_rounding_but_not_mistakes():
@@ -606,7 +674,8 @@ def test_difference_tolerates_rounding_but_not_mistakes():
 def test_statuses_summarise_an_exercise():
     cases = [feedback.CaseResult("a", PASS), feedback.CaseResult("b", FAIL, "x", "y")]
     assert feedback.ExerciseResult("e", cases).status == "1 failing"
-    assert feedback.ExerciseResult("e", [feedback.CaseResult("a", NOT_ATTEMPTED)] * 3).status == NOT_ATTEMPTED
+    assert (feedback.ExerciseResult("e", [feedback.CaseResult("a", NOT_ATTEMPTED)] * 3).status
+            == NOT_ATTEMPTED)
     assert Answer("ok").outputs == {}
 
 
@@ -774,7 +843,8 @@ def test_in_a_live_notebook_quiz_also_shows_buttons_that_judge_at_once(monkeypat
     (box,) = shown
     buttons, verdict = box.children
     assert isinstance(buttons, ipywidgets.ToggleButtons) and buttons.options == ("a", "b", "c")
-    buttons.value = "c"          # a click: judged at once (in a kernel, into the widget's output area)
+    # a click: judged at once (in a kernel, into the widget's output area)
+    buttons.value = "c"
     judged = capsys.readouterr().out
     assert "r is in the denominator" in judged and 'write quiz("doubling_r", \'c\')' in judged
     assert feedback.QUIZ_ANSWERS.get("doubling_r") != "c"  # only the cell's answer is handed in

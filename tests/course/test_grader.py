@@ -27,7 +27,7 @@ def merge_in_place(W0, A, B, alpha, r):
     return W0
 
 
-# ---------------------------------------------------------------- answer files (the process boundary)
+# ----------------------------------------------------------- answer files (the process boundary)
 
 
 def test_answer_files_are_data_only_and_malformed_ones_fail_softly(tmp_path):
@@ -48,7 +48,8 @@ def test_questions_and_answers_round_trip(tmp_path):
     questions, answers = tmp_path / "q.safetensors", tmp_path / "answers"
     answers.mkdir()
     grader.write_questions(questions, [exercise], [cases])
-    grader.answer_questions(str(questions), str(answers), {"merge": merge_in_place}, case_timeout=10)
+    grader.answer_questions(str(questions), str(answers), {"merge": merge_in_place},
+                            case_timeout=10)
     read = [read_answer(answers / grader._case_file(0, c)) for c in range(len(cases))]
     result = judge(exercise, cases, read)
     assert result.passed == 1 and "changed in place" in result.cases[0].hint  # only B = 0 passes
@@ -60,12 +61,15 @@ def test_questions_and_answers_round_trip(tmp_path):
 
 HOSTILE_CELLS = [
     "import torch",
-    "def lora_forward(x, W0, b, A, B, alpha, r):\n    return x @ W0.T + b + (alpha / r) * (x @ A.T @ B.T)",
-    "while True:\n    pass",                                                  # runs past the cell limit
+    "def lora_forward(x, W0, b, A, B, alpha, r):\n"
+    "    return x @ W0.T + b + (alpha / r) * (x @ A.T @ B.T)",
+    # runs past the cell limit
+    "while True:\n    pass",
     "for i in range(20000):\n    print('a lot of output ' * 20)",          # prints ~6 MB
     "raise ValueError('boom')",                                               # raises
     # tampering with minipeft in the kernel must not change the grader's verdicts
-    "import minipeft.course.feedback as f\nf.judge = lambda *a, **k: None\nf.difference = lambda *a, **k: None",
+    "import minipeft.course.feedback as f\nf.judge = lambda *a, **k: None\n"
+    "f.difference = lambda *a, **k: None",
     "def merge(W0, A, B, alpha, r):\n    W0 += (alpha / r) * B @ A\n    return W0",
     # a function that never returns, and swallows every Exception
     "def lora_param_count(i, o, r):\n    while True:\n        try:\n            pass\n"
@@ -78,8 +82,8 @@ def test_grading_a_hostile_notebook_still_scores_what_works(tmp_path, capsys):
     path = tmp_path / "02_lora-submitted.ipynb"
     nbformat.write(new_notebook(cells=[new_code_cell(c) for c in HOSTILE_CELLS]), path)
     out_json, out_csv = tmp_path / "grade.json", tmp_path / "grade.csv"
-    assert grader.main([str(path), "--json", str(out_json), "--csv", str(out_csv), "--cell-timeout", "4",
-                         "--case-timeout", "1", "--seed", "11"]) == 0
+    assert grader.main([str(path), "--json", str(out_json), "--csv", str(out_csv),
+                        "--cell-timeout", "4", "--case-timeout", "1", "--seed", "11"]) == 0
     printed = capsys.readouterr().out
     assert "cell 3: ran past the 4 s limit" in printed and "cell 9: stopped the kernel" in printed
     assert "cell 5 raised ValueError: boom" in printed
@@ -89,8 +93,10 @@ def test_grading_a_hostile_notebook_still_scores_what_works(tmp_path, capsys):
     by_name = {e["name"]: e for e in result["exercises"]}
     assert by_name["lora_forward"]["passed"] == by_name["lora_forward"]["total"] == 5
     assert all(e["borrowed"] == [] for e in result["exercises"])
-    assert by_name["merge"]["passed"] == 1  # only the fresh adapter (B = 0) case: W0 unchanged there
-    assert all(c["status"] == ERROR and "1 s limit" in c["message"] for c in by_name["lora_param_count"]["cases"])
+    # only the fresh adapter (B = 0) case: W0 unchanged there
+    assert by_name["merge"]["passed"] == 1
+    assert all(c["status"] == ERROR and "1 s limit" in c["message"]
+               for c in by_name["lora_param_count"]["cases"])
     assert result["score"] == 6 and result["max_score"] == 15 + 4  # 4 concept checks, unanswered
 
     rows = list(csv.DictReader(out_csv.open()))
@@ -150,7 +156,8 @@ def test_concept_checks_count_in_every_format(tmp_path, capsys):
     path = tmp_path / "06_nf4-quiz.ipynb"
     nbformat.write(new_notebook(cells=[new_code_cell(c) for c in BORROWING_NF4]), path)
     out_json, out_csv = tmp_path / "grade.json", tmp_path / "grade.csv"
-    assert grader.main([str(path), "--json", str(out_json), "--csv", str(out_csv), "--seed", "3"]) == 0
+    assert grader.main([str(path), "--json", str(out_json), "--csv", str(out_csv),
+                        "--seed", "3"]) == 0
     printed = capsys.readouterr().out
     assert "? nf4_bits_per_weight        1 / 1  right" in printed
     assert "? block_of_value_70          0 / 1  wrong" in printed
@@ -159,13 +166,15 @@ def test_concept_checks_count_in_every_format(tmp_path, capsys):
     report = json.loads(out_json.read_text())
     by_name = {e["name"]: e for e in report["exercises"]}
     assert by_name["nf4_bits_per_weight"] | {"cases": None} == {
-        "name": "nf4_bits_per_weight", "kind": "concept check", "points": 1, "passed": 1, "total": 1,
-        "status": "right", "borrowed": [], "cases": None}
+        "name": "nf4_bits_per_weight", "kind": "concept check", "points": 1, "passed": 1,
+        "total": 1, "status": "right", "borrowed": [], "cases": None}
     assert by_name["block_of_value_70"]["cases"][0]["hint"].startswith("Block 0 holds")
     assert report["max_score"] == 24
     rows = {r["exercise"]: r for r in csv.DictReader(out_csv.open())}
-    assert (rows["block_of_value_70"]["kind"], rows["block_of_value_70"]["points"]) == ("concept check", "0")
-    assert (rows["double_quantize"]["kind"], rows["double_quantize"]["status"]) == ("exercise", "missing")
+    assert ((rows["block_of_value_70"]["kind"], rows["block_of_value_70"]["points"])
+            == ("concept check", "0"))
+    assert ((rows["double_quantize"]["kind"], rows["double_quantize"]["status"])
+            == ("exercise", "missing"))
 
 
 def test_a_folder_of_submissions_makes_one_gradebook(tmp_path, capsys):

@@ -6,13 +6,14 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from minipeft import course
 from minipeft.course import data
-from minipeft.course.training import (evaluate, linear_warmup_decay, make_loader, paraphrase_retrieval,
-                               sentence_embeddings, train)
+from minipeft.course.training import (evaluate, linear_warmup_decay, make_loader,
+                                      paraphrase_retrieval, sentence_embeddings, train)
 
 
 @pytest.fixture
 def tiny(bert):
-    """A small randomly initialised BERT with the course tokenizer: fast enough to train in a test."""
+    """A small randomly initialised BERT with the course tokenizer: fast enough to train in a
+    test."""
     _, tokenizer = bert
     torch.manual_seed(0)
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
@@ -98,7 +99,8 @@ def test_prompt_answer_batches_score_the_answer_only(sentiment, smollm2_tokenize
     batch = prompt_answer_batch(tokenizer, rows["prompt"], rows["answer"])
     for labels, answer in zip(batch["labels"], rows["answer"]):
         scored = labels[labels != -100]
-        assert tokenizer.decode(scored) == answer            # " positive" / " negative", nothing else
+        # " positive" / " negative", nothing else
+        assert tokenizer.decode(scored) == answer
     assert (batch["attention_mask"][:, 0] == 1).all()         # padded on the right
 
 
@@ -124,5 +126,6 @@ def test_answer_accuracy_reads_the_first_word_whatever_its_case(sentiment, smoll
         token = tokenizer(word, add_special_tokens=False)["input_ids"][0]
         model = AlwaysSays(token, len(tokenizer))
         assert answer_accuracy(model, tokenizer, rows, batch_size=8) == positive_share
-    nothing = AlwaysSays(tokenizer(" the", add_special_tokens=False)["input_ids"][0], len(tokenizer))
+    nothing = AlwaysSays(tokenizer(" the", add_special_tokens=False)["input_ids"][0],
+                         len(tokenizer))
     assert answer_accuracy(nothing, tokenizer, rows) == 0.0
