@@ -161,8 +161,7 @@ def main() -> None:
                         help="build minipeft's C kernel with -march=MARCH instead of native")
     args = parser.parse_args()
     if args.march:  # before the first build: the flags are part of the compiled file's name
-        quant_c.FLAGS = tuple(f"-march={args.march}" if flag.startswith("-march=") else flag
-                              for flag in quant_c.FLAGS)
+        quant_c.MARCH = args.march
         if quant_c.kernel() is None:
             sys.exit(f"--march {args.march}: the C kernel could not be built "
                      f"({quant_c.build()[1]})")
@@ -171,7 +170,7 @@ def main() -> None:
     if not args.skip_cpu:
         print(f"CPU: {args.threads} threads, {CPU_SHAPE[0]} x {CPU_SHAPE[1]}, blocksize 64, "
               f"min of {REPEATS} interleaved runs; minipeft's C kernel built with "
-              f"{next(flag for flag in quant_c.FLAGS if flag.startswith('-march='))}")
+              f"-march={quant_c.MARCH}")
         print(f"{'':22s} {'minipeft':>10s} {'bnb':>10s} {'bnb/minipeft':>13s}")
         for dtype in (torch.float32, torch.bfloat16):
             for name, ours, theirs in cpu_rows(dtype):

@@ -119,11 +119,8 @@ def tensor_peak(impl: str, inputs: dict[str, torch.Tensor]) -> int:
     """Peak growth of live tensors over MEMORY_STEPS training steps of a fresh model and AdamW:
     what the steps allocate, without the C allocator's reserve (which made the resident set
     vary by up to a fifth between runs of the same code)."""
-    step = train_step_fn(with_qlora(impl), inputs)
-    with peak_tensor_memory() as tensors:
-        for _ in range(MEMORY_STEPS):
-            step()
-    return tensors.increase_bytes
+    return training_peak(train_step_fn(with_qlora(impl), inputs), MEMORY_STEPS,
+                         peak_tensor_memory)
 
 
 def main() -> None:

@@ -79,10 +79,11 @@ def forward_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[],
     return forward
 
 
-def training_peak(step: Callable[[], None], steps: int) -> int:
-    """Peak resident-memory growth over `steps` calls of a training step (what it allocates:
-    gradients, optimizer state, activations)."""
-    with peak_memory() as memory:
+def training_peak(step: Callable[[], None], steps: int, measure=peak_memory) -> int:
+    """Peak memory growth over `steps` calls of a training step (what it allocates: gradients,
+    optimizer state, activations): of the resident set, or what `measure` measures
+    (minipeft.memory.peak_tensor_memory: the live tensors)."""
+    with measure() as memory:
         for _ in range(steps):
             step()
     return memory.increase_bytes

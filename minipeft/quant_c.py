@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("nf4_dequantize.c")
-FLAGS = ("-O3", "-march=native", "-std=gnu11", "-shared", "-fPIC")
+FLAGS = ("-O3", "-std=gnu11", "-shared", "-fPIC")
+MARCH = "native"    # the instruction set built for (-march); another to test or time its path
 MIN_BLOCKSIZE = 32  # the kernel reads 16 bytes (32 values) of one block at a time
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # a thread's share: ~0.1 ms of work, well above the cost of handing it over
@@ -51,12 +52,17 @@ def _cpu_description() -> str:
         return platform.processor()
 
 
+def compiler() -> list[str]:
+    """The compiler command: $CC (it may hold arguments), else cc."""
+    return shlex.split(os.environ.get("CC", "cc"))
+
+
 @functools.cache
 def build() -> tuple[ctypes.CDLL | None, str]:
     """(the compiled nf4_dequantize.c, "") or (None, why it could not be built), warning once."""
-    compiler = shlex.split(os.environ.get("CC", "cc"))
+    command = [*compiler(), *FLAGS, f"-march={MARCH}"]
     try:
-        fingerprint = [SOURCE.read_bytes(), " ".join(compiler + list(FLAGS)).encode(),
+        fingerprint = [SOURCE.read_bytes(), " ".join(command).encode(),
                        platform.machine().encode(), _cpu_description().encode()]
         name = f"nf4_dequantize-{hashlib.sha256(b'|'.join(fingerprint)).hexdigest()[:16]}.so"
         library = _cache_dir() / name
@@ -64,7 +70,7 @@ def build() -> tuple[ctypes.CDLL | None, str]:
             library.parent.mkdir(parents=True, exist_ok=True)
             # renamed: safe for parallel runs
             with tempfile.TemporaryDirectory(dir=library.parent) as build_dir:
-                subprocess.run([*compiler, *FLAGS, str(SOURCE), "-o", str(Path(build_dir) / name)],
+                subprocess.run([*command, str(SOURCE), "-o", str(Path(build_dir) / name)],
                                check=True, capture_output=True, text=True, timeout=120)
                 os.replace(Path(build_dir) / name, library)
         kernel = ctypes.CDLL(str(library))

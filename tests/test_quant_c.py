@@ -4,7 +4,6 @@ built."""
 from __future__ import annotations
 
 import os
-import shlex
 import subprocess
 import sys
 import textwrap
@@ -28,17 +27,11 @@ def test_c_kernel_same_as_torch_path_for_every_blocksize_and_dtype(blocksize):
                                    dequantize_nf4(packed, state, out_dtype, backend="torch"))
 
 
-def _cpu_has(flag: str) -> bool:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return any(line.startswith("flags") and flag in line.split() for line in cpuinfo)
-    except OSError:
-        return False
-
-
 def _gcc_major() -> int:
-    compiler = shlex.split(os.environ.get("CC", "cc"))
-    version = subprocess.run([*compiler, "-dumpversion"], capture_output=True, text=True).stdout
+    from minipeft import quant_c
+
+    version = subprocess.run([*quant_c.compiler(), "-dumpversion"], capture_output=True,
+                             text=True).stdout
     return int(version.split(".")[0] or 0)
 
 
@@ -51,7 +44,7 @@ def test_c_kernel_gives_the_same_values_built_for_each_x86_instruction_set(march
     from minipeft import quant_c
 
     needed = {"x86-64": "sse2", "x86-64-v3": "avx2", "x86-64-v4": "avx512bw"}[march]
-    if not _cpu_has(needed):
+    if needed not in quant_c._cpu_description().split():
         pytest.skip(f"needs an x86 CPU with {needed}")
     # GCC 11 names the x86-64-v levels; without F16C (plain x86-64) the file uses _Float16,
     # which GCC has on x86 from 12
@@ -59,8 +52,7 @@ def test_c_kernel_gives_the_same_values_built_for_each_x86_instruction_set(march
     if gcc < (12 if march == "x86-64" else 11):
         pytest.skip(f"building for -march={march} needs a newer GCC than {gcc}")
     monkeypatch.setenv("MINIPEFT_CACHE", str(tmp_path))
-    monkeypatch.setattr(quant_c, "FLAGS", tuple(f"-march={march}" if flag.startswith("-march=")
-                                                else flag for flag in quant_c.FLAGS))
+    monkeypatch.setattr(quant_c, "MARCH", march)
     quant_c.build.cache_clear()
     try:
         assert quant_c.kernel() is not None

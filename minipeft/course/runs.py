@@ -148,8 +148,8 @@ def train(model: nn.Module, tokenizer, train_data, *, eval_data=None,
     if next(model.parameters()).device.type == "cuda":
         state["__cuda_rng_state__"] = torch.cuda.get_rng_state()
     write_whole(folder / "trained.safetensors", lambda f: save_file(state, str(f)))
-    write_whole(folder / "result.json",           # last: its presence marks a complete run
-                 lambda f: f.write_text(json.dumps(asdict(result))))
+    write_whole(folder / "result.json",            # last: its presence marks a complete run
+                lambda f: f.write_text(json.dumps(asdict(result))))
     return result
 
 
@@ -170,5 +170,5 @@ def predict(model: nn.Module, tokenizer, dataset, batch_size: int = 64) -> Predi
     predictions = evaluation.predict(model, tokenizer, dataset, batch_size)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_whole(path, lambda f: save_file({"probabilities": predictions.probabilities,
-                                            "labels": predictions.labels}, str(f)))
+                                           "labels": predictions.labels}, str(f)))
     return predictions
