@@ -99,14 +99,64 @@ class PeakMemory:
         return max(0, self.peak_bytes - self.start_bytes)
 
 
+# The CPU blocks now open whose peak is the kernel's high-water mark: a block opened inside another
+# resets that mark, so it first hands the outer blocks the peak they have reached.
+_open_cpu_blocks: list[PeakMemory] = []
+
+
+def _high_water_mark() -> int:
+    """The process's peak resident set since the last reset (Linux's VmHWM)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM line in /proc/self/status")
+
+
+def _reset_high_water_mark() -> bool:
+    """Set the kernel's high-water mark to the resident set now (Linux 4.0 and later: writing 5
+    to /proc/self/clear_refs); False where that is not possible."""
+    try:
+        reached = _high_water_mark()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    for block in _open_cpu_blocks:
+        block.peak_bytes = max(block.peak_bytes, reached)
+    return True
+
+
+@contextmanager
+def _sampled_peak(result: PeakMemory) -> Iterator[None]:
+    """Where the kernel's mark cannot be reset: sample the resident set every 5 ms (a peak
+    shorter than that can be missed)."""
+    import threading
+
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.005):
+            result.peak_bytes = max(result.peak_bytes, rss_bytes())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        sampler.join()
+        result.peak_bytes = max(result.peak_bytes, rss_bytes())
+
+
 @contextmanager
 def peak_memory(device: str | torch.device = "cpu") -> Iterator[PeakMemory]:
     """Measure peak memory inside a `with` block.
 
     On CUDA this is the allocator's peak (`torch.cuda.max_memory_allocated`). On CPU it is the
-    process's peak resident set size, sampled by a background thread: the kernel's own high-water
-    mark (ru_maxrss) never goes down, so it cannot measure a block that peaks lower than something
-    earlier in the process.
+    process's peak resident set size: on Linux the kernel's own high-water mark, reset when the
+    block starts (so it also resets what `getrusage` reports as ru_maxrss); elsewhere the
+    resident set sampled by a background thread.
     """
     device = torch.device(device)
     result = PeakMemory(device=str(device))
@@ -121,24 +171,17 @@ def peak_memory(device: str | torch.device = "cpu") -> Iterator[PeakMemory]:
             result.peak_bytes = torch.cuda.max_memory_allocated(device)
         return
 
-    import threading
-
-    result.start_bytes = rss_bytes()
-    peak = [result.start_bytes]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.wait(0.005):
-            peak[0] = max(peak[0], rss_bytes())
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+    result.start_bytes = result.peak_bytes = rss_bytes()
+    if not _reset_high_water_mark():
+        with _sampled_peak(result):
+            yield result
+        return
+    _open_cpu_blocks.append(result)
     try:
         yield result
     finally:
-        stop.set()
-        sampler.join()
-        result.peak_bytes = max(peak[0], rss_bytes())
+        _open_cpu_blocks.remove(result)
+        result.peak_bytes = max(result.peak_bytes, _high_water_mark())
 
 
 @contextmanager

@@ -1,11 +1,13 @@
 import contextlib
 import gc
 import io
+import time
 
 import pytest
 import torch
 from torch import nn
 
+from minipeft import memory
 from minipeft.memory import (ParamCount, count_parameters, format_bytes, peak_memory,
                              peak_tensor_memory, rss_bytes,
                              training_state_bytes)
@@ -58,13 +60,35 @@ def test_training_state_matches_a_real_adam_step():
     assert training_state_bytes(model).optimizer == real_state
 
 
+def touched_block(mib: int) -> torch.Tensor:
+    block = torch.ones(mib * 2**20 // 4)  # written, so its pages are resident
+    block += 1
+    return block
+
+
 def test_peak_memory_sees_a_temporary_allocation():
     with peak_memory("cpu") as measured:
-        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched so it is resident
-        block += 1
-        del block
-    assert measured.increase_bytes >= 48 * 2**20
+        touched_block(64)             # freed at once: a peak of milliseconds, which the mark sees
+    assert measured.increase_bytes >= 60 * 2**20
     assert rss_bytes() > 0
+
+
+def test_a_block_inside_another_keeps_the_outer_peak():
+    with peak_memory("cpu") as outer:
+        touched_block(64)
+        with peak_memory("cpu") as inner:           # resets the kernel's mark
+            pass
+    assert inner.increase_bytes < 16 * 2**20
+    assert outer.increase_bytes >= 60 * 2**20
+
+
+def test_where_the_mark_cannot_be_reset_the_resident_set_is_sampled(monkeypatch):
+    monkeypatch.setattr(memory, "_reset_high_water_mark", lambda: False)
+    with peak_memory("cpu") as measured:
+        block = touched_block(64)
+        time.sleep(0.05)                            # ten sampling periods
+        del block
+    assert measured.increase_bytes >= 60 * 2**20
 
 
 def test_peak_tensor_memory_counts_the_tensors_alive_at_once():
