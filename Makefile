@@ -2,7 +2,8 @@
 #   make lab    set up (once) and start JupyterLab on the lessons
 #   make test   set up (once) and run every test: unit tests + every lesson, solution and exercise
 #               notebook (nbval)
-# Other targets: make setup, make lessons, make grade NB=..., make exercises, make bench, make clean
+# Other targets: make setup, make lessons, make grade NB=..., make exercises, make bench,
+#               make bench-gpu, make clean
 
 PYTHON  ?= python3
 VENV    ?= .venv
@@ -20,7 +21,7 @@ OFFLINE := MINIPEFT_PROFILE=offline HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_D
 # JupyterLab's own settings for this environment: no "get notified about Jupyter news?" pop-up.
 LAB_SETTINGS := $(VENV)/share/jupyter/lab/settings/overrides.json
 
-.PHONY: setup lab test lessons grade exercises bench clean
+.PHONY: setup lab test lessons grade exercises bench bench-gpu clean
 
 setup: $(STAMP)
 
@@ -111,6 +112,10 @@ bench: setup
 	$(OFFLINE) $(PY) bench/prompts.py
 	$(OFFLINE) $(PY) bench/qlora.py
 	$(OFFLINE) $(PY) bench/nf4.py
+
+# On a machine with a CUDA GPU: the GPU tests and benchmarks, raw output under bench/results/.
+bench-gpu: setup
+	bash bench/gpu.sh $(PY)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -62,13 +62,18 @@ def inputs() -> dict[str, torch.Tensor]:
 
 
 def train_step_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
+    """One training step (forward, backward, AdamW) with a fresh AdamW; on a GPU it waits for the
+    step to finish, so that a timer around it measures the step."""
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    on_gpu = next(iter(batch.values())).is_cuda
 
     def step() -> None:
         model(**batch).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if on_gpu:
+            torch.cuda.synchronize()
     return step
 
 
@@ -105,16 +110,16 @@ def print_table(rows: list[tuple[str, float, float, str]]) -> None:
         print(f"{name:{width}s} {fmt(ours):>12s} {fmt(theirs):>12s} {ours / theirs:14.3f}")
 
 
-def bnb_4bit(model: nn.Module) -> nn.Module:
-    """bitsandbytes' NF4 Linear4bit (double quantisation, fp32 compute) in every linear but the
-    head, from the model's own weights: the same bytes as minipeft's (tests/test_quant.py)."""
+def bnb_4bit(model: nn.Module, compute_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """bitsandbytes' NF4 Linear4bit (double quantisation) in every linear but the head, from the
+    model's own weights, on their device: the same bytes as minipeft's (tests/test_quant.py)."""
     import bitsandbytes as bnb
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and name != "lm_head":
                 layer = bnb.nn.Linear4bit(child.in_features, child.out_features,
                                           bias=child.bias is not None,
-                                          compute_dtype=torch.float32, compress_statistics=True,
+                                          compute_dtype=compute_dtype, compress_statistics=True,
                                           quant_type="nf4")
                 layer.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False,
                                                  compress_statistics=True, quant_type="nf4")
@@ -122,5 +127,5 @@ def bnb_4bit(model: nn.Module) -> nn.Module:
                 # gradients in bf16 (absmax and input rounded): keep its float32 computation,
                 # the one minipeft's matches
                 layer.support_avx512bf16_for_cpu = False
-                setattr(parent, name, layer.to("cpu"))
+                setattr(parent, name, layer.to(child.weight.device))    # quantises it there
     return model

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Every GPU test and GPU benchmark in one go, each one's raw output kept in a file named after the
+# GPU and the day (e.g. bench/results/qlora_h100_2026-12-01.txt), for a machine with a CUDA GPU:
+#
+#   bash bench/gpu.sh [PYTHON] [FOLDER]     (defaults: .venv/bin/python, bench/results)
+#
+# Runs, in order: the tests marked gpu, bench/nf4.py's CUDA part, bench/qlora.py on a 7B-shaped
+# model. Goes on after a failure; exits 1 if anything failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+python=${1:-.venv/bin/python}
+folder=${2:-bench/results}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 \
+       TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+gpu=$("$python" -c "import torch; print(torch.cuda.get_device_name().split()[1].lower())" 2>/dev/null) || {
+    echo "bench/gpu.sh: no CUDA GPU that $python's torch can see" >&2; exit 1; }
+day=$(date +%F)
+mkdir -p "$folder"
+failed=0
+run() {   # run NAME COMMAND...: the command's output to the screen and to FOLDER/NAME_GPU_DAY.txt
+    local name=$1; shift
+    echo "== $* (into $folder/${name}_${gpu}_$day.txt)"
+    { echo "# $*  ($(date -u +%FT%TZ))"; "$@" 2>&1; } | tee "$folder/${name}_${gpu}_$day.txt" \
+        || failed=1
+}
+# only the files that hold such tests: the others import what a bare GPU machine may lack
+run gpu_tests "$python" -m pytest -p no:cacheprovider -m gpu $(grep -l "mark.gpu" tests/*.py)
+run nf4 "$python" bench/nf4.py --gpu --skip-cpu
+run qlora "$python" bench/qlora.py --gpu
+exit $failed
