@@ -68,17 +68,24 @@ def quantized(impl: str, model: nn.Module, compute_dtype: torch.dtype) -> nn.Mod
 
 
 def check_same_bytes(ours: nn.Module, theirs: nn.Module) -> None:
-    """minipeft's 4-bit codes equal bitsandbytes' in every quantised layer."""
+    """minipeft's 4-bit codes against bitsandbytes' in every quantised layer: prints how many
+    bytes differ, and fails above one in a million (bitsandbytes' CUDA library is built with fast
+    math, whose approximate reciprocal could tip a value lying on a code boundary)."""
     from minipeft.quant import Linear4bit
-    layers = [(name, m) for name, m in ours.named_modules() if isinstance(m, Linear4bit)]
-    assert layers and all(torch.equal(m.weight_packed.flatten(),
-                                      theirs.get_submodule(name).weight.data.flatten())
-                          for name, m in layers), "4-bit codes differ from bitsandbytes'"
+    differ = total = 0
+    for name, layer in ours.named_modules():
+        if isinstance(layer, Linear4bit):
+            reference = theirs.get_submodule(name).weight.data.flatten()
+            assert layer.weight_packed.numel() == reference.numel(), name
+            differ += int((layer.weight_packed.flatten() != reference).sum())
+            total += reference.numel()
+    print(f"4-bit codes: {differ:,} of {total:,} bytes differ from bitsandbytes'")
+    assert total and differ <= total // 10**6, "4-bit codes differ from bitsandbytes'"
 
 
 def with_lora(impl: str, model: nn.Module) -> nn.Module:
     """LoRA r=RANK on TARGETS of a quantised model, by `impl`, checkpointing on."""
-    torch.manual_seed(0)                        # the same first adapters on both sides
+    torch.manual_seed(0)            # the same draws for the first adapters (B = 0 on both sides)
     if impl == "minipeft":
         from minipeft.lora import LoraConfig, add_lora
         from minipeft.qlora import prepare_for_training
@@ -132,10 +139,7 @@ def bench(batch: int, seq_len: int) -> list[tuple[str, float, float, str]]:
           f"{batch * seq_len / train['peft']:.0f} (peft + bitsandbytes)")
     predicted = plan(models["minipeft"].config, "qlora", batch=batch, seq_len=seq_len, rank=RANK,
                      weight_dtype="float32")
-    # the adapters' own weights exist before the measured steps: their gradients and AdamW's
-    # moments, the activations and the logits come during them
-    growth = (predicted.trainable_state - 4 * predicted.trainable_params + predicted.activations
-              + predicted.logits)
+    growth = predicted.training_growth        # the adapters' own weights exist before the steps
     tensors = {impl: tensor_peak(impl, inputs) for impl in ("minipeft", "peft")}
     print(f"planner: training adds {format_bytes(growth)} to the loaded model (gradients, AdamW, "
           f"activations, logits); measured (minipeft): live tensors' peak "
@@ -198,10 +202,13 @@ def gpu_bench(shape: str) -> None:
     probe = batch_of(1, 128, config["vocab_size"], "cuda")
     with torch.no_grad():
         losses = {impl: m.eval()(**probe).loss.item() for impl, m in models.items()}
-    assert abs(losses["minipeft"] - losses["peft"]) < 1e-2, losses
-    print(f"same 4-bit codes; loss before training {losses['minipeft']:.4f} (minipeft), "
+    for model in models.values():       # libraries' first-use buffers (cuBLAS workspaces) now,
+        train_step_fn(model, probe)()   # not inside the first measured peak
+    print(f"loss before training {losses['minipeft']:.4f} (minipeft), "
           f"{losses['peft']:.4f} (peft); the model with its adapters: "
-          + ", ".join(f"{format_bytes(n)} ({impl})" for impl, n in model_bytes.items()))
+          + ", ".join(f"{format_bytes(n)} ({impl})" for impl, n in model_bytes.items())
+          + f"; plan {format_bytes(plan(config, 'qlora', rank=RANK).model_bytes)}")
+    assert abs(losses["minipeft"] - losses["peft"]) < 1e-2, losses
     t4 = planner.GPUS["T4 (16 GB)"] * 2**30
     print(f"\n{'batch x tokens':>15s} {'ms / step':>17s} {'ratio':>6s} {'tokens / s':>15s} "
           f"{'peak allocated':>21s} {'ratio':>6s} {'plan':>9s} {'vs plan':>8s} {'T4':>4s}")

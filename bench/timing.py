@@ -8,6 +8,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from typing import Callable
 
 import torch
@@ -16,6 +17,9 @@ from torch import nn
 from minipeft.memory import format_bytes, peak_memory
 
 BATCH, SEQ_LEN = 16, 128
+# peft 0.21 calls transformers 5's deprecated is_gradient_checkpointing (as course.setup notes)
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                        category=FutureWarning)
 
 
 def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int,
@@ -120,12 +124,16 @@ def bnb_4bit(model: nn.Module, compute_dtype: torch.dtype = torch.float32) -> nn
                 layer = bnb.nn.Linear4bit(child.in_features, child.out_features,
                                           bias=child.bias is not None,
                                           compute_dtype=compute_dtype, compress_statistics=True,
-                                          quant_type="nf4")
+                                          quant_type="nf4", device=child.weight.device)
                 layer.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False,
                                                  compress_statistics=True, quant_type="nf4")
+                layer.bias = child.bias
                 # On CPUs with AVX512-BF16, bitsandbytes runs an eval-mode layer without
                 # gradients in bf16 (absmax and input rounded): keep its float32 computation,
                 # the one minipeft's matches
                 layer.support_avx512bf16_for_cpu = False
                 setattr(parent, name, layer.to(child.weight.device))    # quantises it there
+    # what transformers marks on a model it loads in 4 bits: peft then wraps these layers with
+    # its bitsandbytes LoRA layer, as for a user's QLoRA model
+    model.is_loaded_in_4bit = True
     return model

@@ -155,8 +155,9 @@ def peak_memory(device: str | torch.device = "cpu") -> Iterator[PeakMemory]:
 
     On CUDA this is the allocator's peak (`torch.cuda.max_memory_allocated`). On CPU it is the
     process's peak resident set size: on Linux the kernel's own high-water mark, reset when the
-    block starts (so it also resets what `getrusage` reports as ru_maxrss); elsewhere the
-    resident set sampled by a background thread.
+    block starts; elsewhere the resident set sampled by a background thread. The reset also
+    lowers what `getrusage` and `/usr/bin/time -v` report as the process's maximum resident set.
+    Blocks may nest; blocks open at once in several threads would reset each other's mark.
     """
     device = torch.device(device)
     result = PeakMemory(device=str(device))
@@ -180,7 +181,8 @@ def peak_memory(device: str | torch.device = "cpu") -> Iterator[PeakMemory]:
     try:
         yield result
     finally:
-        _open_cpu_blocks.remove(result)
+        # by identity: two blocks' figures can be equal, and == would compare those
+        _open_cpu_blocks[:] = [block for block in _open_cpu_blocks if block is not result]
         result.peak_bytes = max(result.peak_bytes, _high_water_mark())
 
 

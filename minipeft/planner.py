@@ -143,11 +143,25 @@ class MemoryPlan:
     activations: int
     logits: int
     communication: int = 0        # DDP's gradient buckets, or FSDP's gathered weights
+    adapter_weights: int = 0      # (Q)LoRA: the adapters' own fp32 weights, in trainable_state
 
     @property
     def total(self) -> int:
         return (self.quantized_weights + self.quantization_constants + self.other_weights
                 + self.trainable_state + self.activations + self.logits + self.communication)
+
+    @property
+    def training_growth(self) -> int:
+        """What training adds to the model once it is loaded with its adapters: gradients and
+        AdamW's moments of what trains, activations, logits (and communication): the figure to
+        set against a measured peak's increase over the loaded model."""
+        return self.total - self.model_bytes
+
+    @property
+    def model_bytes(self) -> int:
+        """The loaded model with its adapters, before the first step."""
+        return (self.quantized_weights + self.quantization_constants + self.other_weights
+                + self.adapter_weights)
 
     def rows(self) -> dict[str, int]:
         return {"4-bit codes": self.quantized_weights,
@@ -213,7 +227,9 @@ def plan(config: Mapping[str, Any] | Any, method: Method = "qlora", *, batch: in
     # a language model's logits over its vocabulary (a BERT classifier's few logits are nothing)
     vocab = 0 if shape.model_type == "bert" else shape.vocab
     logits = tokens * vocab * (width + (4 if width != 4 else 0) + 4 + 4)
-    one_gpu = MemoryPlan(codes, constants, weights, trainable, state, activations, logits)
+    adapters = 0 if method == "full" else trainable * 4
+    one_gpu = MemoryPlan(codes, constants, weights, trainable, state, activations, logits,
+                         adapter_weights=adapters)
     if gpus == 1:
         return one_gpu
     gradient_width = 4 if method != "full" else width
@@ -226,6 +242,7 @@ def plan(config: Mapping[str, Any] | Any, method: Method = "qlora", *, batch: in
     return replace(one_gpu, quantized_weights=_shard(codes, share),
                    quantization_constants=_shard(constants, share),
                    other_weights=_shard(weights, share), trainable_state=_shard(state, share),
+                   adapter_weights=_shard(adapters, share),
                    communication=(2 * block_weights + outer_unit
                                   + block_trainable * gradient_width))
 

@@ -76,11 +76,12 @@ def quantize_model(model: nn.Module, target_modules: str | list[str] = ALL_LINEA
     full-precision weight can be freed before the next is quantised, so the peak is the 4-bit
     model plus one layer. `target_modules`: "all-linear" (all but the output head), or names as in
     LoraConfig. Checked before the model is touched."""
-    targets = targeted_linears(model, target_modules)
+    names = [name for name, _ in targeted_linears(model, target_modules)]
     device = next(model.parameters()).device
     dtype = compute_dtype_for(device, compute_dtype)
-    for name, linear in targets:
-        replace_module(model, name, Linear4bit.from_linear(linear, blocksize, double_quant, dtype))
+    for name in names:      # by name: a list of the layers would keep every one of them alive
+        replace_module(model, name, Linear4bit.from_linear(model.get_submodule(name), blocksize,
+                                                           double_quant, dtype))
     return model
 
 

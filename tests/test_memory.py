@@ -1,6 +1,7 @@
 import contextlib
 import gc
 import io
+import sys
 import time
 
 import pytest
@@ -73,6 +74,10 @@ def test_peak_memory_sees_a_temporary_allocation():
     assert rss_bytes() > 0
 
 
+LINUX = pytest.mark.skipif(sys.platform != "linux", reason="the kernel's mark is Linux's")
+
+
+@LINUX
 def test_a_block_inside_another_keeps_the_outer_peak():
     with peak_memory("cpu") as outer:
         touched_block(64)
@@ -80,6 +85,20 @@ def test_a_block_inside_another_keeps_the_outer_peak():
             pass
     assert inner.increase_bytes < 16 * 2**20
     assert outer.increase_bytes >= 60 * 2**20
+
+
+@LINUX
+def test_the_peak_inside_an_inner_block_counts_for_both():
+    with peak_memory("cpu") as outer:               # the two start with the same figures
+        with peak_memory("cpu") as inner:
+            touched_block(64)
+    assert inner.increase_bytes >= 60 * 2**20 and outer.increase_bytes >= 60 * 2**20
+
+
+def test_a_block_that_raises_still_ends():
+    with pytest.raises(KeyError), peak_memory("cpu"):
+        raise KeyError("inside the block")
+    assert not memory._open_cpu_blocks
 
 
 def test_where_the_mark_cannot_be_reset_the_resident_set_is_sampled(monkeypatch):

@@ -3,6 +3,8 @@ training only the adapters, merging without losing the update, and peft's adapte
 ways."""
 from __future__ import annotations
 
+import weakref
+
 import peft
 import pytest
 import torch
@@ -57,6 +59,23 @@ def test_every_linear_but_the_head_becomes_4bit_with_the_same_bytes_as_bitsandby
     with torch.no_grad():
         torch.testing.assert_close(ours(input_ids=IDS).logits, theirs(input_ids=IDS).logits,
                                    rtol=0, atol=1e-5)
+
+
+def test_quantizing_frees_each_full_precision_weight_before_the_next_layer(monkeypatch):
+    """The peak is the model plus one layer: each full-precision weight is gone before the next
+    layer is quantised (holding them all to the end would add every 4-bit code on top)."""
+    model = llama()
+    originals = [weakref.ref(m.weight) for name, m in model.named_modules()
+                 if isinstance(m, nn.Linear) and name != "lm_head"]
+    alive_at_each_layer = []
+    from_linear = Linear4bit.from_linear
+
+    def counting(linear: nn.Linear, *args) -> Linear4bit:
+        alive_at_each_layer.append(sum(ref() is not None for ref in originals))
+        return from_linear(linear, *args)
+    monkeypatch.setattr(Linear4bit, "from_linear", counting)
+    quantize_model(model)
+    assert alive_at_each_layer == list(range(len(originals), 0, -1))
 
 
 def test_lora_on_the_4bit_base_equals_peft_on_bitsandbytes():
