@@ -27,6 +27,19 @@ def test_c_kernel_same_as_torch_path_for_every_blocksize_and_dtype(blocksize):
                                    dequantize_nf4(packed, state, out_dtype, backend="torch"))
 
 
+@needs_c_kernel
+def test_huge_pages_are_asked_for_unless_turned_off(monkeypatch):
+    from minipeft import quant_c
+
+    asked = []
+    monkeypatch.setattr(quant_c.kernel(), "ask_for_huge_pages", lambda *args: asked.append(args))
+    packed, state = quantize_nf4(random((256, 512), torch.float32, seed=0))
+    with_them = dequantize_nf4(packed, state, backend="c")
+    assert len(asked) == 1 and asked[0][1] == with_them.nbytes
+    monkeypatch.setattr(quant_c, "HUGE_PAGES", False)
+    assert torch.equal(dequantize_nf4(packed, state, backend="c"), with_them) and len(asked) == 1
+
+
 def _gcc_major() -> int:
     from minipeft import quant_c
 
