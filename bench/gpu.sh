@@ -15,7 +15,8 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFL
 gpu=$("$python" -c "import sys, torch
 if not torch.cuda.is_available():
     sys.exit(f'bench/gpu.sh: torch {torch.__version__} sees no CUDA GPU here')
-print(torch.cuda.get_device_name().split()[1].lower())") || exit 1
+import re  # 'NVIDIA H100 80GB HBM3' -> h100-80gb-hbm3
+print(re.sub('[^a-z0-9]+', '-', torch.cuda.get_device_name().lower().removeprefix('nvidia ')))") || exit 1
 day=$(date +%F)
 mkdir -p "$folder"
 failed=0
