@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU test and GPU benchmark in one go, each one's raw output kept in a file named after the
-# GPU and the day (e.g. bench/results/qlora_h100_2026-12-01.txt), for a machine with a CUDA GPU:
+# GPU and the day (e.g. bench/results/qlora_h100-80gb-hbm3_2026-12-01.txt), on a CUDA machine:
 #
 #   bash bench/gpu.sh [PYTHON] [FOLDER]     (defaults: .venv/bin/python, bench/results)
 #
@@ -16,7 +16,8 @@ gpu=$("$python" -c "import sys, torch
 if not torch.cuda.is_available():
     sys.exit(f'bench/gpu.sh: torch {torch.__version__} sees no CUDA GPU here')
 import re  # 'NVIDIA H100 80GB HBM3' -> h100-80gb-hbm3
-print(re.sub('[^a-z0-9]+', '-', torch.cuda.get_device_name().lower().removeprefix('nvidia ')))") || exit 1
+name = torch.cuda.get_device_name().lower().removeprefix('nvidia ')
+print(re.sub('[^a-z0-9]+', '-', name))") || exit 1
 day=$(date +%F)
 mkdir -p "$folder"
 failed=0

@@ -5,6 +5,7 @@
                                         # OMP_NUM_THREADS)
     python bench/nf4.py --march x86-64-v3  # minipeft's C kernel built for AVX2 only (its AVX2 paths
                                            # on an AVX-512 CPU; bitsandbytes unchanged)
+    python bench/nf4.py --small-pages   # minipeft's C kernel without asking for 2 MiB pages
     python bench/nf4.py --gpu           # also the CUDA part (Triton kernels), needs a GPU
     python bench/nf4.py --gpu --skip-cpu  # the CUDA part only
 
@@ -159,7 +160,10 @@ def main() -> None:
                         help="the GPU's peak memory bandwidth, GB/s")
     parser.add_argument("--march", default=None,
                         help="build minipeft's C kernel with -march=MARCH instead of native")
+    parser.add_argument("--small-pages", action="store_true",
+                        help="minipeft's C kernel without asking the OS for 2 MiB pages")
     args = parser.parse_args()
+    quant_c.HUGE_PAGES = not args.small_pages
     if args.march:  # before the first build: the flags are part of the compiled file's name
         quant_c.MARCH = args.march
         if quant_c.kernel() is None:
@@ -170,7 +174,8 @@ def main() -> None:
     if not args.skip_cpu:
         print(f"CPU: {args.threads} threads, {CPU_SHAPE[0]} x {CPU_SHAPE[1]}, blocksize 64, "
               f"min of {REPEATS} interleaved runs; minipeft's C kernel built with "
-              f"-march={quant_c.MARCH}")
+              f"-march={quant_c.MARCH}, {'' if quant_c.HUGE_PAGES else 'not '}"
+              "asking for 2 MiB pages")
         print(f"{'':22s} {'minipeft':>10s} {'bnb':>10s} {'bnb/minipeft':>13s}")
         for dtype in (torch.float32, torch.bfloat16):
             for name, ours, theirs in cpu_rows(dtype):

@@ -32,7 +32,7 @@ MARCH = "native"    # the instruction set built for (-march); another to test or
 MIN_BLOCKSIZE = 32  # the kernel reads 16 bytes (32 values) of one block at a time
 # Ask the OS for 2 MiB pages for each output: writing a fresh output costs a page fault per page,
 # 512 times fewer with them. Granted only where transparent huge pages are on and memory is not
-# too fragmented; False to time the kernel with 4 KiB pages.
+# too fragmented. False: no request (4 KiB pages, unless the OS uses huge pages for all memory).
 HUGE_PAGES = True
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # a thread's share: ~0.1 ms of work, well above the cost of handing it over
