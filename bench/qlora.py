@@ -92,8 +92,9 @@ def with_lora(impl: str, model: nn.Module) -> nn.Module:
         model = add_lora(model, LoraConfig(target_modules=TARGETS, r=RANK, alpha=ALPHA))
         return prepare_for_training(model)
     import peft
-    # peft's prepare_model_for_kbit_training turns checkpointing on only for a model transformers
-    # loaded in 4 bits (is_loaded_in_4bit), not for this one: the same checkpointing as minipeft's
+    # not peft's prepare_model_for_kbit_training: besides checkpointing, it casts every bf16 or
+    # fp16 parameter left (embeddings, norms, head) to float32, which minipeft keeps as they are;
+    # the same checkpointing as minipeft's, by hand
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False              # as minipeft's prepare_for_training does
     return peft.get_peft_model(model, peft.LoraConfig(r=RANK, lora_alpha=ALPHA,
