@@ -24,6 +24,7 @@ refused.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
@@ -177,6 +178,8 @@ def import_peft(model: nn.Module, in_dir: str | Path, adapter_name: str = "defau
                          "save_pretrained(dir, safe_serialization=True).")
     peft_config = _read_json(in_dir / PEFT_CONFIG_NAME)
     found = peft_config.get("peft_type") if isinstance(peft_config, dict) else None
+    if found is not None:
+        _warn_if_another_base(model, peft_config.get("base_model_name_or_path"), in_dir)
     if found in PEFT_PROMPT_LEARNING:
         return _import_prompt_learning(model, in_dir, peft_config, adapter_name)
     if found != "LORA":
@@ -208,6 +211,20 @@ def import_peft(model: nn.Module, in_dir: str | Path, adapter_name: str = "defau
                          "save_pretrained.")
     return add_lora(model, config, adapter_name,
                     weights={k.removeprefix(PEFT_PREFIX): t for k, t in weights.items()})
+
+
+def _warn_if_another_base(model: nn.Module, saved_base: str | None, in_dir: Path) -> None:
+    """Keys and shapes catch an adapter for another architecture or size; a model of the same
+    shapes (a base and its chat version) only differs by name, and a name can be a hub id or a
+    folder: warn when the last parts of both names differ."""
+    base = getattr(model, "name_or_path", None)
+    if not (saved_base and base):
+        return
+    if Path(saved_base.rstrip("/")).name.lower() != Path(base.rstrip("/")).name.lower():
+        warnings.warn(f"{in_dir} was saved from base model {saved_base!r}, but the model given "
+                      f"was loaded from {base!r}. An adapter on another base than its own runs "
+                      "but gives wrong outputs; if both names are the same model, ignore this.",
+                      stacklevel=3)
 
 
 def _export_prompt_learning(model: nn.Module, config: PromptTuningConfig | PrefixTuningConfig,

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from minipeft.inject import ALL_LINEAR, last_names, matches, replace_module
-from minipeft.quant import Linear4bit
+from minipeft.quant import FLOAT_DTYPES, Linear4bit
 
 
 def compute_dtype_for(device: torch.device | str, requested: torch.dtype | None = None
@@ -34,10 +34,9 @@ def compute_dtype_for(device: torch.device | str, requested: torch.dtype | None 
     4-bit training often enough to give NaN losses, and a GPU without bf16 (a T4) is safer in fp32.
     Refuses a dtype the device cannot run."""
     device = torch.device(device)
-    if requested is not None and not (isinstance(requested, torch.dtype)
-                                      and requested.is_floating_point):
-        raise ValueError(f"compute_dtype must be a floating-point torch.dtype (torch.bfloat16, "
-                         f"torch.float32, ...), got {requested!r}.")
+    if requested is not None and requested not in FLOAT_DTYPES:
+        raise ValueError(f"compute_dtype must be torch.float32, torch.bfloat16 or torch.float16 "
+                         f"(what NF4 dequantises to), got {requested!r}.")
     # native bf16 units from compute capability 8.0 (A100); is_bf16_supported() would also count
     # a T4's emulation, which is slow
     has_bf16 = device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 0)

@@ -147,8 +147,8 @@ class NF4State:
         """The float32 absmax of every block (decoded first, with double quantisation)."""
         if not self.double_quant:
             return self.absmax
-        return (_dequantize_dynamic_8bit(self.absmax, self.nested_absmax, self.nested_blocksize)
-                + self.offset)
+        return _dequantize_dynamic_8bit(self.absmax, self.nested_absmax,
+                                        self.nested_blocksize).add_(self.offset)
 
     def nbytes(self) -> int:
         """Bytes of the constants (absmax, and the nested state), as stored."""
@@ -431,9 +431,13 @@ def _quantize_dynamic_8bit(values: torch.Tensor,
 
 def _dequantize_dynamic_8bit(codes: torch.Tensor, absmax: torch.Tensor,
                              blocksize: int) -> torch.Tensor:
-    n = codes.numel()
-    scale = absmax.repeat_interleave(blocksize)[:n]
-    return _on_device(DYNAMIC_CODE, codes.device)[codes.long()] * scale
+    # runs before every 4-bit layer's dequantisation: one lookup, then each block scaled in place
+    # (a broadcast, not a per-value copy of the scales)
+    values = _on_device(DYNAMIC_CODE, codes.device).index_select(0, codes.int())
+    whole = values.numel() // blocksize * blocksize
+    values[:whole].view(-1, blocksize).mul_(absmax[:whole // blocksize, None])
+    values[whole:].mul_(absmax[whole // blocksize:])        # a last partial block, if any
+    return values
 
 
 # -------------------------------------------------------------------------------- backends

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import warnings
 from pathlib import Path
 
 import peft
@@ -131,6 +132,21 @@ def test_round_trip_through_peft_and_back(tmp_path):
 
 
 # ------------------------------------------------------- mismatches: clear errors, model untouched
+
+def test_an_adapter_saved_from_another_base_of_the_same_shapes_is_named_in_a_warning(tmp_path):
+    """Keys and shapes match (a base and its chat version), so only the names can tell."""
+    base = trained(add_lora(tiny_bert(), BERT_CONFIG))
+    export_peft(base, tmp_path, base_model_name_or_path="org/bert-base")
+    chat = tiny_bert()
+    chat.name_or_path = "org/bert-chat"
+    with pytest.warns(UserWarning, match="saved from base model 'org/bert-base'.*'org/bert-chat'"):
+        import_peft(chat, tmp_path)
+    same = tiny_bert()
+    same.name_or_path = "/home/me/models/BERT-base/"      # a local folder of the same model
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        import_peft(same, tmp_path)
+
 
 def test_adapter_for_another_model_size_is_refused(tmp_path):
     save_adapter(trained(add_lora(tiny_bert(hidden=32), BERT_CONFIG)), tmp_path)

@@ -1,6 +1,8 @@
 """minipeft.planner: the 7B arithmetic of the QLoRA recipe, the shipped configs, real transformers
 configs, and the predicted training state against what minipeft's own models hold."""
 import pytest
+import torch
+import transformers
 
 from minipeft.lora import LoraConfig, add_lora
 from minipeft.memory import training_state_bytes
@@ -101,11 +103,34 @@ def test_configs_the_planner_cannot_count_are_refused():
         plan(load_config("llama-2-7b"), "dora")
 
 
+def parameters_of(model_class: type, config: transformers.PretrainedConfig) -> int:
+    """The parameter count of a model built on the meta device (shapes only, no memory)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in model_class(config).parameters())
+
+
 @pytest.mark.parametrize("name", SHIPPED)
-def test_every_shipped_config_loads_and_counts(name):
-    shape = Shape.of(load_config(name))
+def test_every_shipped_config_counts_exactly_the_parameters_of_its_transformers_model(name):
+    fields = load_config(name)
+    shape = Shape.of(fields)
     billions = {"7b": (6e9, 8e9), "13b": (12e9, 14e9), "70b": (68e9, 70e9)}[name.split("-")[-1]]
     assert billions[0] < shape.linear_params() + shape.other_params() < billions[1]
+    model_class = transformers.AutoModelForCausalLM.from_config
+    assert shape.linear_params() + shape.other_params() == parameters_of(
+        model_class, transformers.AutoConfig.for_model(**fields))
+
+
+@pytest.mark.parametrize("size", [
+    {},                                                                     # bert-base: 110 M
+    dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6),    # MiniLM-L6's shapes
+])
+def test_bert_counts_exactly_the_parameters_of_its_transformers_model(size):
+    config = transformers.BertConfig(**size)
+    shape = Shape.of(config)
+    assert shape.linear_params() + shape.other_params() == parameters_of(transformers.BertModel,
+                                                                          config)
+    assert plan(config, "lora", targets=["query", "value"], rank=8).trainable_params \
+        == config.num_hidden_layers * 2 * 8 * (config.hidden_size + config.hidden_size)
 
 
 def test_ddp_keeps_everything_on_every_gpu_and_adds_the_gradient_buckets():

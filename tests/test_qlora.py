@@ -31,8 +31,21 @@ def llama() -> nn.Module:
 def test_the_compute_dtype_is_float32_on_cpu_and_a_bad_one_is_refused():
     assert compute_dtype_for("cpu") == torch.float32
     assert compute_dtype_for("cpu", torch.bfloat16) == torch.bfloat16
-    with pytest.raises(ValueError, match="floating-point torch.dtype"):
-        compute_dtype_for("cpu", torch.int8)
+    for bad in (torch.int8, torch.float64, "bf16"):
+        with pytest.raises(ValueError, match="float32, torch.bfloat16 or torch.float16"):
+            compute_dtype_for("cpu", bad)
+
+
+def test_a_gpu_without_bfloat16_computes_in_float32_and_refuses_bfloat16(monkeypatch):
+    """A T4 (compute capability 7.5) as PyTorch describes it; no GPU needed."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    assert compute_dtype_for("cuda") == torch.float32
+    assert compute_dtype_for("cuda", torch.float16) == torch.float16      # asked for: allowed
+    with pytest.raises(ValueError, match="Tesla T4 cannot compute in bfloat16.*float32"):
+        compute_dtype_for("cuda", torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert compute_dtype_for("cuda") == torch.bfloat16                      # an A100
 
 
 @pytest.mark.gpu
@@ -103,6 +116,20 @@ def test_peft_qlora_folders_both_ways(tmp_path):
         expected = ours(input_ids=IDS).logits
         torch.testing.assert_close(theirs(input_ids=IDS).logits, expected, rtol=0, atol=1e-5)
         assert torch.equal(back(input_ids=IDS).logits, expected)
+
+
+def test_an_adapter_that_peft_trained_on_bitsandbytes_base_gives_the_same_logits_here(tmp_path):
+    """The QLoRA tutorials' way round: peft on bitsandbytes' 4-bit base, save_pretrained, and
+    minipeft's own 4-bit base reads the folder."""
+    theirs = peft.get_peft_model(bnb_4bit(llama()), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "up_proj"]))
+    trained(theirs, seed=5)
+    theirs.save_pretrained(tmp_path)
+    ours = import_peft(quantize_model(llama()), tmp_path)
+    assert isinstance(ours.model.layers[0].mlp.up_proj.base_layer, Linear4bit)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=IDS).logits, theirs(input_ids=IDS).logits,
+                                   rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
