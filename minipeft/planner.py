@@ -11,7 +11,8 @@ LoRA, QLoRA), it adds up, in bytes:
     trainable     weights, gradients and AdamW's two moments: full fine-tuning pays them for
                   every parameter, (Q)LoRA for r (in + out) per adapted layer, kept in fp32 (16 B)
     activations   what backward needs, per token and layer (counted below); with checkpointing
-                  only each block's input (h values) plus one block's recomputation
+                  only each block's input (h values) plus one block's recomputation; with
+                  `attention="math"` also each head's s x s attention probabilities (below)
     logits        b s V in the compute dtype, their float32 copy for the loss, the log-
                   probabilities cross-entropy keeps for backward, and their gradient: at long
                   sequences and large vocabularies the largest single item
@@ -45,6 +46,7 @@ DECODERS = ("llama", "mistral", "qwen2", "olmo2")
 SEVEN_B = ("llama-2-7b", "mistral-7b", "qwen2.5-7b", "olmo-2-7b")
 SHIPPED = (*SEVEN_B, "llama-2-13b", "llama-2-70b")
 Strategy = Literal["ddp", "fsdp"]
+Attention = Literal["fused", "math"]
 ADAMW_STATE_BYTES = 8          # fp32 first and second moments
 # GiB that PyTorch reports as each card's total memory (a T4's 16 GB is 14.75 GiB on Colab; the
 # others as CUDA out-of-memory messages give their "total capacity")
@@ -73,6 +75,7 @@ class Shape:
     vocab: int
     tied: bool
     positions: int          # learned position embeddings (BERT), 0 for rotary models
+    attention_dropout: float = 0.0
 
     @classmethod
     def of(cls, config: Mapping[str, Any] | Any) -> Shape:
@@ -92,7 +95,9 @@ class Shape:
                    fields["num_hidden_layers"], heads, fields.get("num_key_value_heads") or heads,
                    fields.get("head_dim") or fields["hidden_size"] // heads, fields["vocab_size"],
                    bool(fields.get("tie_word_embeddings", kind == "bert")),
-                   fields.get("max_position_embeddings", 0) if kind == "bert" else 0)
+                   fields.get("max_position_embeddings", 0) if kind == "bert" else 0,
+                   fields.get("attention_probs_dropout_prob" if kind == "bert"
+                              else "attention_dropout") or 0.0)
 
     def linear_layers(self) -> dict[str, tuple[int, int]]:
         """(in, out) of each linear layer of one block, by its transformers name."""
@@ -178,11 +183,13 @@ def plan(config: Mapping[str, Any] | Any, method: Method = "qlora", *, batch: in
          seq_len: int = 512, rank: int = 16, targets: str | Sequence[str] = "all-linear",
          weight_dtype: str = "bfloat16", checkpointing: bool = True,
          double_quant: bool = True, gpus: int = 1, strategy: Strategy = "fsdp",
-         cpu_offload: bool = False) -> MemoryPlan:
+         cpu_offload: bool = False, attention: Attention = "fused") -> MemoryPlan:
     """Predict the training memory of `config` (a transformers config or its dict) under `method`,
     per GPU. `targets`: "all-linear" (QLoRA's choice), "attention" (q and v, the LoRA paper's), or
     a list of a block's linear layers by name (`Shape.linear_layers`). `gpus`, `strategy` ("ddp"
-    or "fsdp"), `cpu_offload` (FSDP's): see the module's docstring."""
+    or "fsdp"), `cpu_offload` (FSDP's): see the module's docstring. `attention`: "fused" (a GPU's
+    FlashAttention or memory-efficient kernel: no s x s matrix is kept) or "math" (PyTorch's
+    plain path, which a CPU takes whenever attention dropout is on: BERT's is 0.1)."""
     if method not in ("full", "lora", "qlora"):
         raise ValueError(f"plan: method must be 'full', 'lora' or 'qlora', got {method!r}.")
     if strategy not in ("ddp", "fsdp") or not isinstance(gpus, int) or gpus < 1:
@@ -190,6 +197,8 @@ def plan(config: Mapping[str, Any] | Any, method: Method = "qlora", *, batch: in
                          f"got gpus={gpus!r}, strategy={strategy!r}.")
     if cpu_offload and (gpus == 1 or strategy != "fsdp"):
         raise ValueError("plan: cpu_offload is FSDP's: pass gpus > 1 and strategy='fsdp'.")
+    if attention not in ("fused", "math"):
+        raise ValueError(f"plan: attention must be 'fused' or 'math', got {attention!r}.")
     if weight_dtype not in DTYPE_BYTES:
         raise ValueError(f"plan: weight_dtype must be one of {sorted(DTYPE_BYTES)}, got "
                          f"{weight_dtype!r}.")
@@ -222,6 +231,10 @@ def plan(config: Mapping[str, Any] | Any, method: Method = "qlora", *, batch: in
 
     tokens = batch * seq_len
     block_activations = tokens * shape.activations_per_token() * width
+    if attention == "math" and shape.attention_dropout > 0:
+        # backward needs each head's softmax output, the dropout mask (1 byte a value) and the
+        # dropped probabilities: 2 x width + 1 bytes for each of b h s^2 values
+        block_activations += batch * shape.heads * seq_len ** 2 * (2 * width + 1)
     activations = (shape.layers * tokens * shape.hidden * width + block_activations
                    if checkpointing else shape.layers * block_activations)
     # a language model's logits over its vocabulary (a BERT classifier's few logits are nothing)

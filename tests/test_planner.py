@@ -91,6 +91,44 @@ def test_the_plan_of_a_qlora_step_is_within_15_percent_of_the_tensors_measured_o
     assert abs(measured - adds) < 0.15 * adds, (measured, adds)
 
 
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_the_plan_of_a_bert_step_is_within_15_percent_of_the_tensors_measured_on_cpu(method):
+    """The offline "bert" (MiniLM), LoRA on query and value or full fine-tuning, batch 16 x 128:
+    with attention dropout on, PyTorch's CPU attention keeps each head's s x s probabilities for
+    backward (over 40 % of the LoRA step's tensors, a quarter of full fine-tuning's), which
+    attention="math" counts."""
+    from transformers import AutoModelForSequenceClassification
+
+    from bench.timing import train_step_fn, training_peak
+    from minipeft import course
+    from minipeft.memory import peak_tensor_memory
+
+    batch, seq_len, rank = 16, 128, 8
+    model = AutoModelForSequenceClassification.from_pretrained(
+        course.model_source("bert", "offline"), num_labels=2)
+    assert Shape.of(model.config).attention_dropout == 0.1
+    if method == "lora":
+        model = add_lora(model, LoraConfig(target_modules=["query", "value"], r=rank,
+                                           modules_to_save=["classifier"]))
+    ids = torch.randint(1000, 20000, (batch, seq_len), generator=torch.Generator().manual_seed(0))
+    step = train_step_fn(model, {"input_ids": ids, "labels": torch.zeros(batch, dtype=torch.long)})
+    measured = training_peak(step, 2, peak_tensor_memory)
+    predicted = plan(model.config, method, batch=batch, seq_len=seq_len, rank=rank,
+                     targets="attention", weight_dtype="float32", checkpointing=False,
+                     attention="math").training_growth
+    assert abs(measured - predicted) < 0.15 * predicted, (measured, predicted)
+
+
+def test_the_attention_matrices_count_only_on_the_math_path_with_dropout():
+    config = dict(load_config("llama-2-7b"), attention_dropout=0.1)
+    fused, math = plan(config, seq_len=1024), plan(config, seq_len=1024, attention="math")
+    # with checkpointing, one block's: b h s^2 values of 2 x 2 + 1 bytes (bf16 and a mask)
+    assert math.activations - fused.activations == 32 * 1024 ** 2 * 5
+    assert plan(load_config("llama-2-7b"), attention="math") == plan(load_config("llama-2-7b"))
+    with pytest.raises(ValueError, match="attention must be 'fused' or 'math'"):
+        plan(config, attention="flash")
+
+
 def test_configs_the_planner_cannot_count_are_refused():
     with pytest.raises(ValueError, match="lacks.*intermediate_size"):
         plan({"model_type": "llama", "hidden_size": 8})
