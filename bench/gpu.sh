@@ -6,6 +6,15 @@
 #
 # Runs, in order: the tests marked gpu, bench/nf4.py's CUDA part, bench/qlora.py on a 7B-shaped
 # model. Goes on after a failure; exits 1 if anything failed.
+#
+# On a GPU machine that cannot reach a package registry and lacks the pinned references, bring
+# their wheels (from a machine that can, for the GPU machine's Python, here 3.12):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
+#       --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#       bitsandbytes==0.50.2 transformers==5.23.0 peft==0.21.2
+#   python3 -m pip install --no-index --no-deps --target /tmp/site .whl/*.whl
+#   PYTHONPATH=/tmp/site bash bench/gpu.sh python3 "$OUT"
 set -uo pipefail
 cd "$(dirname "$0")/.."
 python=${1:-.venv/bin/python}
