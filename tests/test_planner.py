@@ -65,30 +65,33 @@ def test_a_real_transformers_config_and_the_trainable_state_of_a_real_model():
         + predicted.activations + predicted.logits
 
 
+def assert_plan_within_15_percent(model, inputs: dict, method: str, **settings) -> None:
+    """What two training steps of `model` add in live tensors (the second starts with AdamW's
+    state), against the plan's `training_growth` for the same batch, float32 weights."""
+    from bench.timing import train_step_fn, training_peak
+    from minipeft.memory import peak_tensor_memory
+
+    measured = training_peak(train_step_fn(model, inputs), 2, peak_tensor_memory)
+    batch, seq_len = inputs["input_ids"].shape
+    predicted = plan(model.config, method, batch=batch, seq_len=seq_len, weight_dtype="float32",
+                     **settings).training_growth    # the adapters' weights were there before
+    assert abs(measured - predicted) < 0.15 * predicted, (measured, predicted)
+
+
 def test_the_plan_of_a_qlora_step_is_within_15_percent_of_the_tensors_measured_on_cpu():
     """Issue 14's CPU check, on the course's offline LLM (SmolLM2-135M, 49,152-word vocabulary):
     what a step adds to the loaded model, against the live tensors' peak (the resident set
     holds the C allocator's reserve too: bench/qlora.py prints both)."""
-    import torch
     from transformers import AutoModelForCausalLM
 
-    from bench.timing import train_step_fn, training_peak
     from minipeft import course
-    from minipeft.memory import peak_tensor_memory
     from minipeft.qlora import prepare_for_training
 
-    batch, seq_len, rank = 2, 128, 16
     model = AutoModelForCausalLM.from_pretrained(course.model_source("llm", "offline"))
     model = prepare_for_training(add_lora(quantize_model(model), LoraConfig(
-        target_modules=list(Shape.of(model.config).linear_layers()), r=rank)))
-    ids = torch.randint(100, 40000, (batch, seq_len), generator=torch.Generator().manual_seed(0))
-    step = train_step_fn(model, {"input_ids": ids, "labels": ids})      # train mode, AdamW
-    # two steps: the second starts with AdamW's state
-    measured = training_peak(step, 2, peak_tensor_memory)
-    predicted = plan(model.config, "qlora", batch=batch, seq_len=seq_len, rank=rank,
-                     weight_dtype="float32")
-    adds = predicted.training_growth                    # the adapters' weights were there before
-    assert abs(measured - adds) < 0.15 * adds, (measured, adds)
+        target_modules=list(Shape.of(model.config).linear_layers()), r=16)))
+    ids = torch.randint(100, 40000, (2, 128), generator=torch.Generator().manual_seed(0))
+    assert_plan_within_15_percent(model, {"input_ids": ids, "labels": ids}, "qlora", rank=16)
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
@@ -99,24 +102,18 @@ def test_the_plan_of_a_bert_step_is_within_15_percent_of_the_tensors_measured_on
     attention="math" counts."""
     from transformers import AutoModelForSequenceClassification
 
-    from bench.timing import train_step_fn, training_peak
     from minipeft import course
-    from minipeft.memory import peak_tensor_memory
 
-    batch, seq_len, rank = 16, 128, 8
     model = AutoModelForSequenceClassification.from_pretrained(
         course.model_source("bert", "offline"), num_labels=2)
     assert Shape.of(model.config).attention_dropout == 0.1
     if method == "lora":
-        model = add_lora(model, LoraConfig(target_modules=["query", "value"], r=rank,
+        model = add_lora(model, LoraConfig(target_modules=["query", "value"], r=8,
                                            modules_to_save=["classifier"]))
-    ids = torch.randint(1000, 20000, (batch, seq_len), generator=torch.Generator().manual_seed(0))
-    step = train_step_fn(model, {"input_ids": ids, "labels": torch.zeros(batch, dtype=torch.long)})
-    measured = training_peak(step, 2, peak_tensor_memory)
-    predicted = plan(model.config, method, batch=batch, seq_len=seq_len, rank=rank,
-                     targets="attention", weight_dtype="float32", checkpointing=False,
-                     attention="math").training_growth
-    assert abs(measured - predicted) < 0.15 * predicted, (measured, predicted)
+    ids = torch.randint(1000, 20000, (16, 128), generator=torch.Generator().manual_seed(0))
+    assert_plan_within_15_percent(model, {"input_ids": ids, "labels": torch.zeros(16).long()},
+                                  method, rank=8, targets="attention", checkpointing=False,
+                                  attention="math")
 
 
 def test_the_attention_matrices_count_only_on_the_math_path_with_dropout():
