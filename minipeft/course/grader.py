@@ -70,6 +70,7 @@ from minipeft.course.feedback import (ANSWERED, ERROR, MAX_QUIZ_ANSWER_CHARS, MI
                                       NOT_ATTEMPTED, PASS, Answer, CaseTimeout, ExerciseResult,
                                       Foreign, answer, borrowed_in, cases_for, judge,
                                       judge_question, shorten)
+from minipeft.course.runs import write_whole
 
 MAX_ANSWER_BYTES = 64 * 2**20     # an answer file bigger than this is ignored
 DEFAULT_CELL_TIMEOUT = 60         # seconds per notebook cell
@@ -156,9 +157,8 @@ def answer_questions(questions: str, answers_dir: str, namespace: dict,
             metadata = {"status": result.status, "error": result.error,
                         "values": json.dumps(values),
                         "borrowed": uses}
-            target = Path(answers_dir) / _case_file(e, c)
-            save_file(out_tensors, str(target.with_suffix(".tmp")), metadata=metadata)
-            os.replace(target.with_suffix(".tmp"), target)
+            write_whole(Path(answers_dir) / _case_file(e, c),
+                        lambda path: save_file(out_tensors, str(path), metadata=metadata))
 
 
 def _write_quiz_answers(path: Path, asked: list[str]) -> None:
