@@ -1,6 +1,7 @@
 import contextlib
 import gc
 import io
+import mmap
 import sys
 import time
 
@@ -61,9 +62,12 @@ def test_training_state_matches_a_real_adam_step():
     assert training_state_bytes(model).optimizer == real_state
 
 
-def touched_block(mib: int) -> torch.Tensor:
-    block = torch.ones(mib * 2**20 // 4)  # written, so its pages are resident
-    block += 1
+def touched_block(mib: int) -> mmap.mmap:
+    """`mib` MiB of fresh memory, written so that its pages are resident; freed with the object.
+    Mapped on its own rather than taken from the C allocator, which may hand out a free block the
+    process already holds (resident, so the resident set would not grow): CI once saw that."""
+    block = mmap.mmap(-1, mib * 2**20)
+    torch.frombuffer(block, dtype=torch.uint8).fill_(1)
     return block
 
 
