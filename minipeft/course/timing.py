@@ -34,8 +34,7 @@ def fastest_ms(contestants: Mapping[str, T], run: Callable[[T], object],
                repeats: int = 10) -> pd.Series:
     """The fastest of `repeats` timed runs of `run(contestant)` for each contestant, in ms,
     after one warm-up run each; the contestants take turns (see the module's docstring).
-
-    >>> fastest_ms({"base": base_model, "merged": merged}, lambda m: m(**batch))
+    For example: `fastest_ms({"base": base_model, "merged": merged}, lambda m: m(**batch))`.
     """
     if not contestants:
         raise ValueError("nothing to time: pass at least one contestant, e.g. {'base': model}")
