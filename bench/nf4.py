@@ -44,8 +44,8 @@ with warnings.catch_warnings():
     import bitsandbytes.functional as bnb_f
 
 from minipeft import quant_c
+from minipeft.course.timing import interleaved_times
 from minipeft.quant import NF4State, dequantize_nf4, quantize_nf4
-from timing import interleaved_times
 
 CPU_SHAPE = (4096, 4096)
 GPU_SHAPE = (4096, 14336)

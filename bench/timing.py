@@ -1,41 +1,26 @@
 """What the benchmarks share: the course's BERT and a batch for it, a training step and a forward
-pass to time, side-by-side timing (the implementations' calls interleaved, so that a slower moment
-of a shared machine hits all of them alike), peak memory in a fresh process, the ratio table, and
-bitsandbytes' 4-bit version of a model (which tests/test_qlora.py compares with minipeft's too)."""
+pass to time, side-by-side timing (medians of the course's `interleaved_times`: the calls take
+turns, so that a slower moment of a shared machine hits all of them alike), peak memory in a
+fresh process, the ratio table, and bitsandbytes' 4-bit version of a model (which
+tests/test_qlora.py compares with minipeft's too)."""
 from __future__ import annotations
 
 import statistics
 import subprocess
 import sys
-import time
 import warnings
 from typing import Callable
 
 import torch
 from torch import nn
 
+from minipeft.course.timing import interleaved_times
 from minipeft.memory import format_bytes, peak_memory
 
 BATCH, SEQ_LEN = 16, 128
 # peft 0.21 calls transformers 5's deprecated is_gradient_checkpointing (as course.setup notes)
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
                         category=FutureWarning)
-
-
-def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int,
-                      warmup: int) -> dict[str, list[float]]:
-    """Seconds of each of `repeats` calls of every fn, after `warmup` calls each; calls
-    interleaved."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def median_times(fns: dict[str, Callable[[], None]], repeats: int,

@@ -80,3 +80,11 @@ def test_times_real_models():
     ms = timing.fastest_ms(models, lambda m: m(x["small" if m.in_features == 8 else "large"]),
                            repeats=3)
     assert set(ms.index) == {"small", "large"} and (ms > 0).all() and ms.name == "ms"
+
+
+def test_interleaved_times_gives_every_timed_call_in_seconds_after_its_warm_up_calls(clock):
+    fake = clock({"a": [9.0, 9.0, 0.5, 0.25], "b": [9.0, 9.0, 0.125, 1.0]})
+    times = timing.interleaved_times({"a": lambda: fake.run("a"), "b": lambda: fake.run("b")},
+                                     repeats=2, warmup=2)
+    assert fake.order == ["a", "a", "b", "b", "a", "b", "a", "b"]
+    assert times == {"a": [0.5, 0.25], "b": [0.125, 1.0]}
