@@ -277,7 +277,13 @@ def test_layer_computes_the_lora_equation(in_features, out_features, r, alpha, r
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=DTYPES[dtype] * scale)
 
     merge_lora(model)
-    torch.testing.assert_close(model(x).double(), expected, rtol=0, atol=2 * DTYPES[dtype] * scale)
+    # merging rounds W0 + s B A to dtype once: |error| <= u sum_j |W_ij| |x_j| (u = eps / 2), which
+    # exceeds the output's own scale where large weights cancel (fp16, alpha 26, r 1: 0.024 >
+    # 0.019 once in CI); that term on top of the unmerged layer's bound
+    merged_rounding = torch.finfo(dtype).eps / 2 * (
+        x64.abs() @ layer.base_layer.weight.double().abs().T).max().item()
+    torch.testing.assert_close(model(x).double(), expected, rtol=0,
+                               atol=2 * DTYPES[dtype] * scale + merged_rounding)
     unmerge_lora(model)
     torch.testing.assert_close(layer.base_layer.weight, W0, rtol=0,
                                atol=DTYPES[dtype] * (W0.abs().max().item()
